@@ -1,0 +1,240 @@
+"""DDIM's arithmetic as small pure functions, and the two loops built on them.
+
+Notation (paper-notes): ᾱ_t is the cumulative product of alphas at training timestep t.
+
+* predicted x0:   ``x0 = (z_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)``                              (DDIM eq. 12)
+* forward step:   ``z_{t-1} = sqrt(ᾱ_{t-1}) x0 + sqrt(1 - ᾱ_{t-1}) ε``                  (η = 0)
+* inverse step:   the same update run from t-1 to t, with ε evaluated at (z_{t-1}, t)
+* guidance (CFG): ``ε̃ = ε(∅) + w (ε(C) - ε(∅))``
+
+:func:`sample` is text-conditioned sampling with classifier-free guidance (a null embedding per step or
+one for all); :func:`invert` is DDIM inversion returning the whole latent trajectory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+
+# ------------------------------------------------------------------------------ pure maths
+def predict_x0(z_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """Predicted clean latent ``x0 = (z_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t)``."""
+    return (z_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
+
+
+def ddim_step(
+    z_t: torch.Tensor, eps: torch.Tensor, alpha_t: torch.Tensor, alpha_prev: torch.Tensor
+) -> torch.Tensor:
+    """Deterministic DDIM step (η = 0) from level t to the previous level.
+
+    Args:
+        z_t (`torch.Tensor`): latents (B, C, h, w) at timestep t.
+        eps (`torch.Tensor`): noise prediction for `z_t` (guided or not), same shape.
+        alpha_t, alpha_prev (`torch.Tensor`): ᾱ_t and ᾱ_{t-1} (scalars).
+
+    Returns:
+        `torch.Tensor`: z_{t-1}, same shape. Equal to `DDIMScheduler.step(...).prev_sample`.
+    """
+    x0 = predict_x0(z_t, eps, alpha_t)
+    return alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+
+
+def ddim_inverse_step(
+    z_prev: torch.Tensor, eps: torch.Tensor, alpha_prev: torch.Tensor, alpha_t: torch.Tensor
+) -> torch.Tensor:
+    """DDIM inversion step from level t-1 up to level t: :func:`ddim_step` with the roles of the two
+    alphas swapped, with ε approximated by ε(z_{t-1}, t). Equal to `DDIMInverseScheduler.step`."""
+    return ddim_step(z_prev, eps, alpha_prev, alpha_t)
+
+
+def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance ``ε̃ = ε(∅) + w (ε(C) - ε(∅))``."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+# ------------------------------------------------------------------------------ schedule
+@dataclass(frozen=True)
+class DDIMSchedule:
+    """The timesteps of an N-step DDIM run and the ᾱ they need.
+
+    Attributes:
+        timesteps (`torch.Tensor`): (N,) int64, descending (e.g. 981, 961, ..., 1 for N = 50 with
+            SD's ``steps_offset=1``).
+        alphas_cumprod (`torch.Tensor`): (num_train_timesteps,) float32, ᾱ.
+        final_alpha_cumprod (`torch.Tensor`): ᾱ used below timestep 0 (``alphas_cumprod[0]`` when
+            ``set_alpha_to_one=False``, as in SD).
+        stride (`int`): num_train_timesteps // N.
+    """
+
+    timesteps: torch.Tensor
+    alphas_cumprod: torch.Tensor
+    final_alpha_cumprod: torch.Tensor
+    stride: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int) -> DDIMSchedule:
+        """Build from a scheduler's config (the scheduler itself is not modified)."""
+        sched = DDIMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(num_steps)
+        return cls(
+            timesteps=sched.timesteps.clone(),
+            alphas_cumprod=sched.alphas_cumprod.clone(),
+            final_alpha_cumprod=sched.final_alpha_cumprod.clone(),
+            stride=sched.config.num_train_timesteps // num_steps,
+        )
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def alpha(self, t: int) -> torch.Tensor:
+        """ᾱ_t, or the final ᾱ for t < 0."""
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
+
+    def alphas(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ᾱ_t, ᾱ_{t-1}) for the i-th sampling step, t = timesteps[i]."""
+        t = int(self.timesteps[i])
+        return self.alpha(t), self.alpha(t - self.stride)
+
+
+def predict_noise(
+    unet: UNet2DConditionModel, z: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor
+) -> torch.Tensor:
+    """ε(z, t, emb): the UNet's noise prediction (B, C, h, w) for latents (B, C, h, w) and text
+    embeddings (B, L, D)."""
+    return unet(z, t, encoder_hidden_states=emb).sample
+
+
+# ------------------------------------------------------------------------------ loops
+StepCallback = Callable[[int, int, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass
+class SampleOutput:
+    """What :func:`sample` returns.
+
+    Attributes:
+        latents (`torch.Tensor`): z_0, (B, C, h, w).
+        trajectory (`list[torch.Tensor]`): z_T, ..., z_0 when asked for, else empty.
+        pred_x0 (`list[torch.Tensor]`): predicted x0 at each step when asked for, else empty.
+    """
+
+    latents: torch.Tensor
+    trajectory: list[torch.Tensor]
+    pred_x0: list[torch.Tensor]
+
+
+def _per_step(
+    uncond: torch.Tensor | Sequence[torch.Tensor] | None, n: int, batch: int
+) -> list[torch.Tensor | None]:
+    """Normalize null embeddings to one (B, L, D) tensor per step."""
+    if uncond is None:
+        return [None] * n
+    if isinstance(uncond, torch.Tensor) and uncond.dim() == 3:
+        uncond = [uncond] * n
+    if len(uncond) != n:
+        raise ValueError(f"got {len(uncond)} per-step null embeddings for {n} steps")
+    return [u.expand(batch, -1, -1) if u.shape[0] == 1 else u for u in uncond]
+
+
+@torch.no_grad()
+def sample(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    schedule: DDIMSchedule,
+    guidance_scale: float = 7.5,
+    uncond: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    callback: StepCallback | None = None,
+    keep_trajectory: bool = False,
+    progress: bool = True,
+) -> SampleOutput:
+    """Text-conditioned DDIM sampling with classifier-free guidance.
+
+    Args:
+        unet (`UNet2DConditionModel`): the noise predictor ε.
+        latents (`torch.Tensor`): z_T, (B, C, h, w).
+        cond (`torch.Tensor`): conditional embeddings C, (B, L, D).
+        schedule (`DDIMSchedule`): timesteps and ᾱ.
+        guidance_scale (`float`, defaults to 7.5): w. At exactly 1 the null branch is skipped.
+        uncond (`torch.Tensor` or sequence of them, *optional*): null embeddings ∅, either one
+            (B or 1, L, D) for all steps or one per step (N tensors, e.g. null-text inversion's ∅_t).
+            Required unless w == 1.
+        callback (`StepCallback`, *optional*): ``callback(i, t, z_{t-1})`` after each step; if it
+            returns a tensor, that replaces the latents (Prompt-to-Prompt's LocalBlend uses this).
+        keep_trajectory (`bool`, defaults to `False`): also return z_T..z_0 and the predicted x0s.
+        progress (`bool`, defaults to `True`): show a tqdm bar.
+
+    Returns:
+        :class:`SampleOutput`. The arithmetic (batching [∅; C], then ε̃, then the DDIM step) matches
+        diffusers' `StableDiffusionPipeline`.
+    """
+    use_cfg = guidance_scale != 1.0
+    if use_cfg and uncond is None:
+        raise ValueError("guidance_scale != 1 needs null embeddings `uncond`")
+    nulls = _per_step(uncond if use_cfg else None, len(schedule), latents.shape[0])
+    traj, x0s = ([latents], []) if keep_trajectory else ([], [])
+    for i, t in enumerate(tqdm(schedule.timesteps, desc="DDIM sampling", disable=not progress)):
+        if use_cfg:
+            emb = torch.cat([nulls[i].to(cond.dtype), cond])
+            eps_u, eps_c = predict_noise(unet, torch.cat([latents] * 2), t, emb).chunk(2)
+            eps = guide(eps_u, eps_c, guidance_scale)
+        else:
+            eps = predict_noise(unet, latents, t, cond)
+        alpha_t, alpha_prev = schedule.alphas(i)
+        if keep_trajectory:
+            x0s.append(predict_x0(latents, eps, alpha_t))
+        latents = ddim_step(latents, eps, alpha_t, alpha_prev)
+        if callback is not None:
+            replaced = callback(i, int(t), latents)
+            latents = latents if replaced is None else replaced
+        if keep_trajectory:
+            traj.append(latents)
+    return SampleOutput(latents, traj, x0s)
+
+
+@torch.no_grad()
+def invert(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    schedule: DDIMSchedule,
+    guidance_scale: float = 1.0,
+    uncond: torch.Tensor | None = None,
+    progress: bool = True,
+) -> list[torch.Tensor]:
+    """DDIM inversion of clean latents up to noise.
+
+    Args:
+        unet (`UNet2DConditionModel`): the noise predictor ε.
+        latents (`torch.Tensor`): z_0, (B, C, h, w).
+        cond (`torch.Tensor`): conditional embeddings C, (B, L, D).
+        schedule (`DDIMSchedule`): the same schedule you will sample with.
+        guidance_scale (`float`, defaults to 1.0): w; the paper's pivots use w = 1.
+        uncond (`torch.Tensor`, *optional*): null embedding ∅ (B or 1, L, D); needed when w != 1.
+        progress (`bool`, defaults to `True`): show a tqdm bar.
+
+    Returns:
+        `list[torch.Tensor]`: the trajectory ``[z_0, z_1, ..., z_N]`` (N + 1 latents, least to most
+        noisy); ``trajectory[-1]`` is z_T, the starting point for sampling.
+    """
+    if guidance_scale != 1.0 and uncond is None:
+        raise ValueError("guidance_scale != 1 needs the null embedding `uncond`")
+    traj = [latents]
+    n = len(schedule)
+    for k in tqdm(range(n), desc="DDIM inversion", disable=not progress):
+        i = n - 1 - k  # walk the sampling steps backwards: t = 1, 21, ..., 981 for N = 50
+        t = schedule.timesteps[i]
+        alpha_t, alpha_prev = schedule.alphas(i)
+        eps = predict_noise(unet, latents, t, cond)
+        if guidance_scale != 1.0:
+            eps = guide(
+                predict_noise(unet, latents, t, uncond.expand_as(cond)), eps, guidance_scale
+            )
+        latents = ddim_inverse_step(latents, eps, alpha_prev, alpha_t)
+        traj.append(latents)
+    return traj

@@ -1,0 +1,361 @@
+"""Null-text inversion (Mokady et al. 2023, Algorithm 1), negative-prompt inversion (Miyake et al.
+2023), plain DDIM inversion as a baseline, and safetensors save/load of their results.
+
+All three return an :class:`InversionResult`: the starting latent z̄_T and one null embedding ∅_t per
+sampling step, so that ``reconstruct(pipe, result)`` (or a Prompt-to-Prompt edit) re-samples the image
+with guidance w using ∅_t at step t.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from nti_utils.ddim import DDIMSchedule, ddim_step, guide, invert, predict_noise, sample
+from nti_utils.images import ImageLike, image_to_latents
+from nti_utils.models import embed_prompts, model_fingerprint, model_id, scheduler_hash
+
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """Settings of an inversion (defaults: the paper's).
+
+    Attributes:
+        num_steps (`int`, defaults to 50): DDIM steps N.
+        guidance_scale (`float`, defaults to 7.5): w used when editing/reconstructing.
+        inner_steps (`int`, defaults to 10): at most this many Adam steps per timestep.
+        lr (`float`, defaults to 1e-2): Adam's learning rate at the first timestep; at step index i
+            it is ``lr * (1 - i / 100)``.
+        epsilon (`float`, defaults to 1e-5): early stop when the latent MSE falls below
+            ``epsilon + i * epsilon_growth`` at step index i.
+        epsilon_growth (`float`, defaults to 2e-5): see `epsilon`.
+    """
+
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    inner_steps: int = 10
+    lr: float = 1e-2
+    epsilon: float = 1e-5
+    epsilon_growth: float = 2e-5
+
+
+@dataclass
+class InversionResult:
+    """An inverted image, ready to be reconstructed or edited.
+
+    Attributes:
+        latent_T (`torch.Tensor`): z̄_T, (1, C, h, w).
+        null_embeddings (`torch.Tensor`): ∅_t for each sampling step, (N, 1, L, D), in sampling order
+            (first row for t = T).
+        prompt (`str`): the source prompt P whose embedding C was used.
+        method (`str`): ``"null-text"``, ``"negative-prompt"`` or ``"ddim"``.
+        settings (`InversionSettings`): what was used.
+        losses (`list[list[float]]`): per step, the latent MSE at each inner step (empty if none).
+        inner_steps (`list[int]`): per step, the Adam steps taken.
+        timings (`dict[str, float]`): seconds spent in each phase.
+        model_id (`str`), model_fingerprint (`str`), scheduler_hash (`str`): model identity.
+        pivots (`list[torch.Tensor]`): the w = 1 DDIM trajectory z*_0..z*_N (not saved to disk).
+    """
+
+    latent_T: torch.Tensor
+    null_embeddings: torch.Tensor
+    prompt: str
+    method: str
+    settings: InversionSettings
+    losses: list[list[float]] = field(default_factory=list)
+    inner_steps: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    model_id: str = ""
+    model_fingerprint: str = ""
+    scheduler_hash: str = ""
+    pivots: list[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def uncond_per_step(self) -> list[torch.Tensor]:
+        """The null embeddings as a list of (1, L, D) tensors, one per sampling step."""
+        return list(self.null_embeddings)
+
+
+def _prepare(
+    pipe: StableDiffusionPipeline,
+    image: ImageLike | torch.Tensor,
+    prompt: str,
+    settings: InversionSettings,
+    progress: bool,
+) -> tuple[DDIMSchedule, torch.Tensor, torch.Tensor, list[torch.Tensor], dict[str, float]]:
+    """Shared first steps: schedule, C, ∅ and the guidance-1 DDIM trajectory (the pivots)."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    z0 = image if isinstance(image, torch.Tensor) else image_to_latents(pipe, image)
+    if z0.dim() != 4 or z0.shape[0] != 1:
+        raise ValueError(
+            f"invert one image at a time: latents must be (1, C, h, w), got {tuple(z0.shape)}"
+        )
+    z0 = z0.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, settings.num_steps)
+    cond, null = embed_prompts(pipe, [prompt, ""]).chunk(2)
+    timings["encode"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pivots = invert(pipe.unet, z0, cond, schedule, guidance_scale=1.0, progress=progress)
+    timings["ddim_inversion"] = time.perf_counter() - t0
+    return schedule, cond, null, pivots, timings
+
+
+def _result(
+    pipe, method, prompt, settings, latent_T, nulls, pivots, timings, losses=None, counts=None
+) -> InversionResult:
+    return InversionResult(
+        latent_T=latent_T.detach(),
+        null_embeddings=torch.stack([n.detach() for n in nulls]),
+        prompt=prompt,
+        method=method,
+        settings=settings,
+        losses=losses or [],
+        inner_steps=counts or [],
+        timings=timings,
+        model_id=model_id(pipe),
+        model_fingerprint=model_fingerprint(pipe),
+        scheduler_hash=scheduler_hash(pipe.scheduler),
+        pivots=pivots,
+    )
+
+
+def ddim_inversion(
+    pipe: StableDiffusionPipeline,
+    image: ImageLike | torch.Tensor,
+    prompt: str,
+    settings: InversionSettings = InversionSettings(),
+    progress: bool = True,
+) -> InversionResult:
+    """Plain DDIM inversion at w = 1, packaged with ∅ = encoder("") at every step: reconstructing it
+    at w = `settings.guidance_scale` shows how guidance amplifies the inversion error."""
+    schedule, cond, null, pivots, timings = _prepare(pipe, image, prompt, settings, progress)
+    return _result(
+        pipe, "ddim", prompt, settings, pivots[-1], [null] * len(schedule), pivots, timings
+    )
+
+
+def negative_prompt_inversion(
+    pipe: StableDiffusionPipeline,
+    image: ImageLike | torch.Tensor,
+    prompt: str,
+    settings: InversionSettings = InversionSettings(),
+    progress: bool = True,
+) -> InversionResult:
+    """Negative-prompt inversion (Miyake et al. 2023): ∅_t := C at every step, no optimization.
+
+    With ∅_t = C the guidance term vanishes, so sampling retraces the w = 1 DDIM trajectory."""
+    schedule, cond, _, pivots, timings = _prepare(pipe, image, prompt, settings, progress)
+    return _result(
+        pipe,
+        "negative-prompt",
+        prompt,
+        settings,
+        pivots[-1],
+        [cond] * len(schedule),
+        pivots,
+        timings,
+    )
+
+
+def null_text_inversion(
+    pipe: StableDiffusionPipeline,
+    image: ImageLike | torch.Tensor,
+    prompt: str,
+    settings: InversionSettings = InversionSettings(),
+    progress: bool = True,
+) -> InversionResult:
+    """Null-text inversion (Mokady et al. 2023, Algorithm 1).
+
+    Args:
+        pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
+        image (image-like or `torch.Tensor`): a real image (loaded and resized to the model's
+            resolution) or its latents z_0, (1, C, h, w).
+        prompt (`str`): the source prompt P describing the image.
+        settings (`InversionSettings`): defaults are the paper's.
+        progress (`bool`, defaults to `True`): show tqdm bars.
+
+    Returns:
+        :class:`InversionResult` with method ``"null-text"``.
+    """
+    s = settings
+    # 1. pivots z*_0..z*_N from DDIM inversion at w = 1
+    schedule, cond, null, pivots, timings = _prepare(pipe, image, prompt, s, progress)
+    unet = pipe.unet
+    t0 = time.perf_counter()
+    latent = pivots[-1]  # z̄_T = z*_T
+    null_t = null.detach().clone()  # ∅ initialized from encoder("")
+    nulls, losses, counts = [], [], []
+    n = len(schedule)
+    # 2. for t = T..1, optimize ∅_t so that the guided step from z̄_t lands on the pivot z*_{t-1}
+    for i in tqdm(range(n), desc="null-text optimization", disable=not progress):
+        t = schedule.timesteps[i]
+        alpha_t, alpha_prev = schedule.alphas(i)
+        target = pivots[n - 1 - i]
+        with torch.no_grad():
+            eps_c = predict_noise(unet, latent, t, cond)  # ε(z̄_t, t, C): once per step
+        null_t = null_t.detach().clone().requires_grad_(True)  # ∅_t starts from ∅_{t+1}
+        opt = torch.optim.Adam([null_t], lr=s.lr * (1.0 - i / 100.0))
+        step_losses: list[float] = []
+        for _ in range(s.inner_steps):
+            eps_u = predict_noise(unet, latent, t, null_t)
+            z_prev = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
+            loss = F.mse_loss(z_prev.float(), target.float())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step_losses.append(loss.item())
+            if step_losses[-1] < s.epsilon + i * s.epsilon_growth:
+                break
+        # 3. z̄_{t-1}: the guided step with the optimized ∅_t
+        with torch.no_grad():
+            eps_u = predict_noise(unet, latent, t, null_t)
+            latent = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
+        nulls.append(null_t.detach())
+        losses.append(step_losses)
+        counts.append(len(step_losses))
+    timings["optimization"] = time.perf_counter() - t0
+    return _result(pipe, "null-text", prompt, s, pivots[-1], nulls, pivots, timings, losses, counts)
+
+
+def reconstruct(
+    pipe: StableDiffusionPipeline,
+    result: InversionResult,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Re-sample the inverted image: latents z_0 (1, C, h, w) from z̄_T with ∅_t at step t.
+
+    Args:
+        guidance_scale (`float`, *optional*): defaults to the result's own w.
+    """
+    check_compatible(result, pipe)
+    w = result.settings.guidance_scale if guidance_scale is None else guidance_scale
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, result.settings.num_steps)
+    cond = embed_prompts(pipe, result.prompt)
+    dev = pipe.unet.device
+    nulls = [u.to(dev) for u in result.uncond_per_step()]
+    out = sample(pipe.unet, result.latent_T.to(dev), cond, schedule, w, nulls, progress=progress)
+    return out.latents
+
+
+# ------------------------------------------------------------------------------ save / load
+def check_compatible(result: InversionResult, pipe: StableDiffusionPipeline) -> None:
+    """Raise a `ValueError` if `result` was made with another model or scheduler."""
+    problems = []
+    if result.model_fingerprint and result.model_fingerprint != model_fingerprint(pipe):
+        problems.append(
+            f"it was made with model {result.model_id!r} (fingerprint {result.model_fingerprint}), "
+            f"this pipeline is {model_id(pipe)!r} ({model_fingerprint(pipe)})"
+        )
+    if result.scheduler_hash and result.scheduler_hash != scheduler_hash(pipe.scheduler):
+        problems.append("its scheduler settings differ from this pipeline's")
+    shape = tuple(result.null_embeddings.shape[-2:])
+    want = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    if shape != want:
+        problems.append(f"its null embeddings are {shape}, this model's are {want}")
+    if problems:
+        raise ValueError(
+            "this inversion does not match the pipeline: "
+            + "; ".join(problems)
+            + ". Load the model it was made with, or invert the image again with this one."
+        )
+
+
+def save_inversion(result: InversionResult, path: str | Path, overwrite: bool = False) -> Path:
+    """Write `result` to a `.safetensors` file with its settings and model identity as metadata.
+
+    Raises:
+        FileExistsError: if `path` exists and `overwrite` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    n = max((len(x) for x in result.losses), default=0)
+    losses = torch.full((len(result.losses), n), float("nan"))
+    for i, row in enumerate(result.losses):
+        losses[i, : len(row)] = torch.tensor(row)
+    tensors = {
+        "latent_T": result.latent_T.detach().cpu().contiguous(),
+        "null_embeddings": result.null_embeddings.detach().cpu().contiguous(),
+        "losses": losses,
+        "inner_steps": torch.tensor(result.inner_steps, dtype=torch.int64),
+    }
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "prompt": result.prompt,
+        "method": result.method,
+        "settings": json.dumps(asdict(result.settings)),
+        "timings": json.dumps(result.timings),
+        "model_id": result.model_id,
+        "model_fingerprint": result.model_fingerprint,
+        "scheduler_hash": result.scheduler_hash,
+        "num_steps": str(result.settings.num_steps),
+        "guidance_scale": str(result.settings.guidance_scale),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def load_inversion(
+    path: str | Path,
+    pipe: StableDiffusionPipeline | None = None,
+    num_steps: int | None = None,
+) -> InversionResult:
+    """Read a result written by :func:`save_inversion`.
+
+    Args:
+        pipe (`StableDiffusionPipeline`, *optional*): if given, the result must match its model and
+            scheduler (else `ValueError`), and tensors are moved to its device and dtype.
+        num_steps (`int`, *optional*): if given, the result must have this many DDIM steps.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved inversion at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is not an nti_utils inversion (format {meta.get('format_version')})"
+        )
+    tensors = load_file(str(path))
+    settings = InversionSettings(**json.loads(meta["settings"]))
+    losses = [[v for v in row.tolist() if v == v] for row in tensors["losses"]]
+    result = InversionResult(
+        latent_T=tensors["latent_T"],
+        null_embeddings=tensors["null_embeddings"],
+        prompt=meta["prompt"],
+        method=meta["method"],
+        settings=settings,
+        losses=losses,
+        inner_steps=tensors["inner_steps"].tolist(),
+        timings=json.loads(meta["timings"]),
+        model_id=meta["model_id"],
+        model_fingerprint=meta["model_fingerprint"],
+        scheduler_hash=meta["scheduler_hash"],
+    )
+    if num_steps is not None and num_steps != settings.num_steps:
+        raise ValueError(
+            f"{path} was inverted with {settings.num_steps} DDIM steps, not {num_steps}; invert "
+            "again with the step count you want to sample with"
+        )
+    if pipe is not None:
+        check_compatible(result, pipe)
+        dev, dt = pipe.unet.device, pipe.unet.dtype
+        result.latent_T = result.latent_T.to(dev, dt)
+        result.null_embeddings = result.null_embeddings.to(dev, dt)
+    return result

@@ -1,0 +1,448 @@
+"""Train the embedded model: a miniature Stable Diffusion on the colored-shapes world.
+
+Run ``python -m nti_utils.shapes.train --workdir ~/.cache/nti-lab/train --out data/toy-sd``.
+Three phases, each resumable from ``<workdir>/state.pt`` (written atomically every
+``--ckpt-every`` steps; rerun the same command after an interruption):
+
+1. **VAE** (`AutoencoderKL`, 64x64x3 -> 16x16x4): reconstruction MSE + L1 with a tiny KL term.
+2. **Latent cache**: encode every training render once (posterior mean), set the VAE's
+   ``scaling_factor`` to 1 / std of the latents so the UNet sees unit-variance latents, as in SD.
+3. **UNet + text encoder** jointly: epsilon prediction with SD's noise schedule, min-SNR loss
+   weighting (Hang et al. 2023, gamma = 5), ~10% captions dropped to "" so that classifier-free
+   guidance works, AdamW with warm-up and cosine decay, EMA weights (exported).
+
+The result is saved as a standard diffusers `StableDiffusionPipeline` folder (safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from nti_utils.models import sd_ddim_scheduler
+from nti_utils.shapes.score import score_caption
+from nti_utils.shapes.tokenizer import build_tokenizer
+from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, make_caption, scene_from_seed
+
+HELD_OUT_SEED = 10_000_000
+"""Scenes numbered from here on are never trained on (evaluation renders)."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the miniature SD (defaults: the committed embedded model)."""
+
+    resolution: int = 64
+    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks = 2 downsamplings: 64 -> 16
+    latent_channels: int = 4
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_down: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    unet_up: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 4
+    max_tokens: int = 20
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization settings (defaults: the run that produced the committed weights)."""
+
+    n_train: int = 20_000
+    n_held_out: int = 200
+    p_two: float = 0.3
+    vae_steps: int = 2500
+    vae_batch: int = 16
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-7
+    unet_steps: int = 6000
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    warmup: int = 250
+    min_lr_ratio: float = 0.05
+    ema_decay: float = 0.999
+    snr_gamma: float = 5.0
+    p_uncond: float = 0.1
+    sample_every: int = 500
+    ckpt_every: int = 100
+    seed: int = 0
+
+
+def build_models(
+    cfg: ModelConfig, tokenizer: CLIPTokenizer
+) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
+    """Randomly initialized VAE, text encoder and UNet of the given sizes."""
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=32,
+        sample_size=cfg.resolution,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=cfg.text_hidden,
+            intermediate_size=4 * cfg.text_hidden,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            max_position_embeddings=cfg.max_tokens,
+            projection_dim=cfg.text_hidden,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    latent_size = cfg.resolution // 2 ** (n - 1)
+    unet = UNet2DConditionModel(
+        sample_size=latent_size,
+        in_channels=cfg.latent_channels,
+        out_channels=cfg.latent_channels,
+        down_block_types=cfg.unet_down,
+        up_block_types=cfg.unet_up,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=1,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    return vae, text_encoder, unet
+
+
+def render_dataset(seeds: range, p_two: float = 0.3) -> tuple[np.ndarray, list[str]]:
+    """Render scenes numbered `seeds`: images (N, 64, 64, 3) uint8 and their captions."""
+    images, captions = [], []
+    for s in tqdm(seeds, desc="render", leave=False):
+        rng = np.random.default_rng(s)
+        scene = scene_from_seed(s, n_objects=2 if rng.random() < p_two else 1)
+        images.append(np.asarray(scene.render()))
+        captions.append(scene.caption())
+    return np.stack(images), captions
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def vae_psnr(vae: AutoencoderKL, images: np.ndarray, batch: int = 50) -> float:
+    """Mean PSNR (dB) of the VAE round trip (posterior mean) over uint8 images (N, H, W, 3)."""
+    vals = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            x = to_tensor(images[i : i + batch])
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            mse = ((y - x) / 2).pow(2).flatten(1).mean(1)
+            vals.append(10 * torch.log10(1.0 / mse))
+    return float(torch.cat(vals).mean())
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
+    """Linear warm-up then cosine decay to ``min_ratio * peak``."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+def single_object_prompts() -> list[str]:
+    """All 45 single-object captions (5 colors x 3 shapes x 3 backgrounds)."""
+    return [
+        make_caption(((c, k),), bg) for bg in BACKGROUNDS for c in OBJECT_COLORS for k in SHAPES
+    ]
+
+
+class Trainer:
+    """Holds models, data and optimizer state of a resumable training run."""
+
+    def __init__(self, workdir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+        self.workdir, self.mcfg, self.tcfg = workdir, mcfg, tcfg
+        workdir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(tcfg.seed)
+        self.tokenizer = build_tokenizer(mcfg.max_tokens)
+        self.vae, self.text_encoder, self.unet = build_models(mcfg, self.tokenizer)
+        self.scheduler = sd_ddim_scheduler()
+        self.phase, self.step = "vae", 0
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=tcfg.vae_lr, weight_decay=0.0)
+        params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        self.opt = torch.optim.AdamW(params, lr=tcfg.unet_lr, weight_decay=0.01)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.latents: torch.Tensor | None = None
+        self.log: list[dict] = []
+        data = workdir / "data.npz"
+        if data.exists():
+            z = np.load(data, allow_pickle=False)
+            self.images, self.captions = z["images"], list(z["captions"])
+        else:
+            self.images, self.captions = render_dataset(range(tcfg.n_train), tcfg.p_two)
+            np.savez(data, images=self.images, captions=np.array(self.captions))
+        self.held_out, _ = render_dataset(
+            range(HELD_OUT_SEED, HELD_OUT_SEED + tcfg.n_held_out), tcfg.p_two
+        )
+        self.rng = np.random.default_rng(tcfg.seed)
+        self._resume()
+
+    # ------------------------------------------------------------------------- checkpoints
+    def _state_path(self) -> Path:
+        return self.workdir / "state.pt"
+
+    def _resume(self) -> None:
+        path = self._state_path()
+        if not path.exists():
+            return
+        st = torch.load(path, weights_only=False)
+        for name in ("vae", "text_encoder", "unet", "ema_unet", "ema_text", "vae_opt", "opt"):
+            getattr(self, name).load_state_dict(st[name])
+        self.phase, self.step, self.log = st["phase"], st["step"], st["log"]
+        self.latents = st["latents"]
+        self.vae.register_to_config(scaling_factor=st["scaling_factor"])
+        self.rng.bit_generator.state = st["rng"]
+        torch.set_rng_state(st["torch_rng"])
+        print(f"resumed at phase {self.phase}, step {self.step}")
+
+    def save(self) -> None:
+        st = {
+            name: getattr(self, name).state_dict()
+            for name in ("vae", "text_encoder", "unet", "ema_unet", "ema_text", "vae_opt", "opt")
+        }
+        st.update(
+            phase=self.phase,
+            step=self.step,
+            log=self.log,
+            latents=self.latents,
+            scaling_factor=self.vae.config.scaling_factor,
+            rng=self.rng.bit_generator.state,
+            torch_rng=torch.get_rng_state(),
+            model_config=asdict(self.mcfg),
+            train_config=asdict(self.tcfg),
+        )
+        tmp = self._state_path().with_suffix(".tmp")
+        torch.save(st, tmp)
+        os.replace(tmp, self._state_path())
+
+    def _record(self, **row: object) -> None:
+        row = {"phase": self.phase, "step": self.step, "time": time.time(), **row}
+        self.log.append(row)
+        with open(self.workdir / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    # ------------------------------------------------------------------------- phase 1
+    def train_vae(self) -> None:
+        t = self.tcfg
+        self.vae.train()
+        bar = tqdm(total=t.vae_steps, initial=self.step, desc="VAE")
+        while self.step < t.vae_steps:
+            for g in self.vae_opt.param_groups:
+                g["lr"] = lr_at(self.step, t.vae_steps, t.vae_lr, 100, 0.02)
+            idx = self.rng.integers(0, len(self.images), t.vae_batch)
+            x = to_tensor(self.images[idx])
+            post = self.vae.encode(x).latent_dist
+            y = self.vae.decode(post.sample()).sample
+            rec = F.mse_loss(y, x) + 0.5 * F.l1_loss(y, x)
+            loss = rec + t.kl_weight * post.kl().mean()
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
+            self.vae_opt.step()
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec.item():.4f}")
+            if self.step % 50 == 0:
+                self._record(loss=rec.item())
+            if self.step % t.ckpt_every == 0 or self.step == t.vae_steps:
+                self.save()
+            if self.step % (5 * t.sample_every) == 0 or self.step == t.vae_steps:
+                self.vae.eval()
+                psnr = vae_psnr(self.vae, self.held_out)
+                self.vae.train()
+                self._record(held_out_psnr=psnr)
+                bar.write(f"VAE step {self.step}: held-out PSNR {psnr:.2f} dB")
+        bar.close()
+        self.vae.eval()
+        self.phase, self.step = "cache", 0
+        self.save()
+
+    # ------------------------------------------------------------------------- phase 2
+    def cache_latents(self) -> None:
+        self.vae.eval().requires_grad_(False)
+        out = []
+        with torch.no_grad():
+            for i in tqdm(range(0, len(self.images), 250), desc="encode"):
+                out.append(self.vae.encode(to_tensor(self.images[i : i + 250])).latent_dist.mean)
+        z = torch.cat(out)
+        scale = float(1.0 / z.std())
+        self.vae.register_to_config(scaling_factor=scale)
+        self.latents = z * scale
+        self._record(latent_std=float(z.std()), scaling_factor=scale)
+        print(f"latent std {float(z.std()):.3f} -> scaling factor {scale:.4f}")
+        self.phase, self.step = "unet", 0
+        self.save()
+
+    # ------------------------------------------------------------------------- phase 3
+    def _embed(self, encoder: CLIPTextModel, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.mcfg.max_tokens,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        return encoder(ids)[0]
+
+    def train_unet(self) -> None:
+        t = self.tcfg
+        self.vae.requires_grad_(False)
+        self.unet.train()
+        self.text_encoder.train()
+        alphas = self.scheduler.alphas_cumprod
+        snr = alphas / (1 - alphas)
+        params = [*self.unet.parameters(), *self.text_encoder.parameters()]
+        ema_params = [*self.ema_unet.parameters(), *self.ema_text.parameters()]
+        bar = tqdm(total=t.unet_steps, initial=self.step, desc="UNet")
+        while self.step < t.unet_steps:
+            for g in self.opt.param_groups:
+                g["lr"] = lr_at(self.step, t.unet_steps, t.unet_lr, t.warmup, t.min_lr_ratio)
+            idx = self.rng.integers(0, len(self.latents), t.unet_batch)
+            drop = self.rng.random(t.unet_batch) < t.p_uncond
+            caps = ["" if d else self.captions[i] for i, d in zip(idx, drop)]
+            z0 = self.latents[idx]
+            noise = torch.randn_like(z0)
+            ts = torch.randint(0, self.scheduler.config.num_train_timesteps, (t.unet_batch,))
+            zt = self.scheduler.add_noise(z0, noise, ts)
+            pred = self.unet(zt, ts, self._embed(self.text_encoder, caps)).sample
+            # min-SNR-gamma weighting for epsilon prediction: w = min(SNR, gamma) / SNR
+            w = torch.clamp(snr[ts], max=t.snr_gamma) / snr[ts]
+            loss = (w * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            self.opt.step()
+            decay = min(t.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.step % 25 == 0:
+                self._record(loss=loss.item())
+            if self.step % t.ckpt_every == 0 or self.step == t.unet_steps:
+                self.save()
+            if self.step % t.sample_every == 0 or self.step == t.unet_steps:
+                self.quick_eval(bar)
+        bar.close()
+        self.phase = "done"
+        self.save()
+
+    def pipeline(self, ema: bool = True) -> StableDiffusionPipeline:
+        """The current weights (EMA by default) as a `StableDiffusionPipeline`."""
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.ema_text if ema else self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.ema_unet if ema else self.unet,
+            scheduler=sd_ddim_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def quick_eval(self, bar: tqdm, guidance: float = 5.0) -> None:
+        """Sample the 45 single-object prompts (25 DDIM steps), score them, save a grid."""
+        pipe = self.pipeline()
+        pipe.set_progress_bar_config(disable=True)
+        prompts = single_object_prompts()
+        with torch.no_grad():
+            images = pipe(
+                prompts,
+                num_inference_steps=25,
+                guidance_scale=guidance,
+                output_type="np",
+                generator=torch.Generator().manual_seed(0),
+                height=64,
+                width=64,
+            ).images
+        scores = [score_caption(im, p) for im, p in zip(images, prompts)]
+        row = {
+            "background": float(np.mean([s.background for s in scores])),
+            "color": float(np.mean([s.colors[0] for s in scores])),
+            "shape": float(np.mean([s.shapes[0] for s in scores])),
+        }
+        self._record(eval=row, guidance=guidance)
+        bar.write(f"UNet step {self.step}: adherence {row}")
+        grid = (images * 255).round().astype(np.uint8).reshape(5, 9, 64, 64, 3)
+        grid = grid.transpose(0, 2, 1, 3, 4).reshape(5 * 64, 9 * 64, 3)
+        (self.workdir / "samples").mkdir(exist_ok=True)
+        Image.fromarray(grid).save(self.workdir / "samples" / f"step_{self.step:06d}.png")
+
+    def export(self, out: Path) -> None:
+        """Save the EMA pipeline as a diffusers folder (safetensors) at `out`."""
+        pipe = self.pipeline()
+        pipe.save_pretrained(out, safe_serialization=True)
+        print(f"saved pipeline to {out}")
+
+    def run(self) -> None:
+        """Run the phases not done yet. A finished run asked for more UNet steps continues training
+        (the cosine schedule is stretched to the new total, so the learning rate rises again)."""
+        if self.phase == "done" and self.step < self.tcfg.unet_steps:
+            self.phase = "unet"
+        if self.phase == "vae":
+            self.train_vae()
+        if self.phase == "cache":
+            self.cache_latents()
+        if self.phase == "unet":
+            self.train_unet()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", type=Path, default=Path("~/.cache/nti-lab/train").expanduser())
+    p.add_argument("--out", type=Path, default=None, help="export the pipeline folder here")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    defaults = TrainConfig()
+    cli_fields = ("n_train", "n_held_out", "vae_steps", "unet_steps", "vae_batch", "unet_batch",
+                  "sample_every", "ckpt_every", "unet_lr")  # fmt: skip
+    for field in cli_fields:
+        value = getattr(defaults, field)
+        p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    p.add_argument("--tiny", action="store_true", help="tiny model sizes (tests of the trainer)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tcfg = TrainConfig(**{k: getattr(args, k) for k in cli_fields})
+    mcfg = ModelConfig()
+    if args.tiny:
+        mcfg = ModelConfig(
+            vae_channels=(32, 32, 32),
+            unet_channels=(32, 32, 32),
+            text_hidden=32,
+            text_layers=1,
+            text_heads=2,
+        )
+    trainer = Trainer(args.workdir, mcfg, tcfg)
+    trainer.run()
+    if args.out is not None:
+        trainer.export(args.out)
+
+
+if __name__ == "__main__":
+    main()

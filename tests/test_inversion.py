@@ -1,0 +1,115 @@
+"""Null-text inversion, its baselines, and the saved format."""
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nti_utils.images import image_to_latents
+from nti_utils.inversion import (
+    InversionSettings,
+    ddim_inversion,
+    load_inversion,
+    negative_prompt_inversion,
+    null_text_inversion,
+    reconstruct,
+    save_inversion,
+)
+from nti_utils.testing import tiny_pipeline
+
+PROMPT = "a red circle on a white background"
+SETTINGS = InversionSettings(num_steps=10)
+
+
+@pytest.fixture(scope="module")
+def nti(tiny_pipe, small_scene):
+    return null_text_inversion(tiny_pipe, small_scene.render(), PROMPT, SETTINGS, progress=False)
+
+
+def _err(pipe, result, z0, **kw):
+    return (reconstruct(pipe, result, progress=False, **kw) - z0).pow(2).mean().item()
+
+
+def test_null_text_beats_ddim_inversion_at_guidance(tiny_pipe, small_scene, nti):
+    z0 = image_to_latents(tiny_pipe, small_scene.render())
+    ddim = ddim_inversion(tiny_pipe, small_scene.render(), PROMPT, SETTINGS, progress=False)
+    err_ddim, err_nti = _err(tiny_pipe, ddim, z0), _err(tiny_pipe, nti, z0)
+    assert err_nti < 0.5 * err_ddim, (err_nti, err_ddim)
+
+
+def test_null_text_result_contents(nti):
+    n = SETTINGS.num_steps
+    assert nti.method == "null-text" and nti.prompt == PROMPT
+    assert nti.null_embeddings.shape == (n, 1, 16, 32)
+    assert len(nti.losses) == n and len(nti.inner_steps) == n
+    assert all(1 <= k <= SETTINGS.inner_steps for k in nti.inner_steps)
+    assert [len(row) for row in nti.losses] == nti.inner_steps
+    assert {"encode", "ddim_inversion", "optimization"} <= set(nti.timings)
+    assert len(nti.pivots) == n + 1
+    # each timestep's embedding starts from the previous one, so they differ but stay related
+    assert not torch.equal(nti.null_embeddings[0], nti.null_embeddings[-1])
+
+
+def test_early_stopping_cuts_inner_steps(tiny_pipe, small_scene):
+    loose = dataclasses.replace(SETTINGS, epsilon=1.0)  # every first loss is below 1
+    res = null_text_inversion(tiny_pipe, small_scene.render(), PROMPT, loose, progress=False)
+    assert res.inner_steps == [1] * SETTINGS.num_steps
+
+
+def test_negative_prompt_inversion_retraces_guidance_one(tiny_pipe, small_scene):
+    z0 = image_to_latents(tiny_pipe, small_scene.render())
+    npi = negative_prompt_inversion(
+        tiny_pipe, small_scene.render(), PROMPT, SETTINGS, progress=False
+    )
+    ddim = ddim_inversion(tiny_pipe, small_scene.render(), PROMPT, SETTINGS, progress=False)
+    rec_npi = reconstruct(tiny_pipe, npi, progress=False)  # at w = 7.5 with ∅ = C
+    rec_w1 = reconstruct(tiny_pipe, ddim, guidance_scale=1.0, progress=False)
+    torch.testing.assert_close(rec_npi, rec_w1, atol=1e-5, rtol=1e-4)
+    assert _err(tiny_pipe, npi, z0) < _err(tiny_pipe, ddim, z0)
+
+
+def test_save_load_roundtrip_is_exact(tiny_pipe, nti, tmp_path):
+    path = save_inversion(nti, tmp_path / "inv.safetensors")
+    back = load_inversion(path, tiny_pipe, num_steps=SETTINGS.num_steps)
+    assert torch.equal(back.latent_T, nti.latent_T)
+    assert torch.equal(back.null_embeddings, nti.null_embeddings)
+    assert back.losses == nti.losses and back.inner_steps == nti.inner_steps
+    assert back.settings == nti.settings and back.prompt == nti.prompt
+    torch.testing.assert_close(
+        reconstruct(tiny_pipe, back, progress=False), reconstruct(tiny_pipe, nti, progress=False)
+    )
+
+
+def test_save_refuses_to_overwrite(nti, tmp_path):
+    path = save_inversion(nti, tmp_path / "inv.safetensors")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_inversion(nti, path)
+    save_inversion(nti, path, overwrite=True)
+
+
+def test_load_into_other_model_or_steps_fails(nti, tmp_path):
+    path = save_inversion(nti, tmp_path / "inv.safetensors")
+    with pytest.raises(ValueError, match="made with model"):
+        load_inversion(path, tiny_pipeline(seed=1))
+    with pytest.raises(ValueError, match="10 DDIM steps, not 50"):
+        load_inversion(path, num_steps=50)
+    other = tiny_pipeline()
+    other.scheduler.register_to_config(steps_offset=0)
+    with pytest.raises(ValueError, match="scheduler settings differ"):
+        load_inversion(path, other)
+
+
+def test_load_rejects_foreign_files(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"x": torch.zeros(1)}, str(path))
+    assert "x" in load_file(str(path))
+    with pytest.raises(ValueError, match="not an nti_utils inversion"):
+        load_inversion(path)
+    with pytest.raises(FileNotFoundError):
+        load_inversion(tmp_path / "missing.safetensors")
+
+
+def test_batch_of_images_is_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="one image at a time"):
+        null_text_inversion(tiny_pipe, torch.zeros(2, 4, 16, 16), PROMPT, SETTINGS, progress=False)

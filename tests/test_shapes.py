@@ -1,0 +1,125 @@
+"""The shapes world: renderer, captions, edits, scorer, tokenizer, and the trainer end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nti_utils.shapes import train
+from nti_utils.shapes.score import analyze, score_caption
+from nti_utils.shapes.tokenizer import build_tokenizer, world_words
+from nti_utils.shapes.world import (
+    Scene,
+    Shape,
+    edit_region,
+    make_caption,
+    parse_caption,
+    scene_from_seed,
+)
+
+
+def test_renderer_is_deterministic():
+    a, b = scene_from_seed(7), scene_from_seed(7)
+    assert a == b
+    assert np.array_equal(np.asarray(a.render()), np.asarray(b.render()))
+    assert scene_from_seed(7) != scene_from_seed(8)
+
+
+def test_captions_parse_back_to_scenes():
+    for seed in range(50):
+        scene = scene_from_seed(seed)
+        assert parse_caption(scene.caption()) == scene.describe()
+    assert make_caption((("red", "circle"), ("blue", "square")), "white") == (
+        "a red circle and a blue square on a white background"
+    )
+
+
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a red circle",
+        "a pink circle on a white background",
+        "a red star on a white background",
+        "a red circle on a pink background",
+    ],
+)
+def test_bad_captions_are_refused(caption):
+    with pytest.raises(ValueError):
+        parse_caption(caption)
+
+
+def test_edits_change_only_what_they_say():
+    scene = Scene((Shape("circle", "red", 20, 20, 10), Shape("square", "blue", 45, 45, 9)), "white")
+    before, masks = np.asarray(scene.render()), scene.masks()
+    swapped = scene.with_object(0, kind="triangle")
+    after = np.asarray(swapped.render())
+    changed = (before != after).any(-1)
+    assert changed.any() and not changed[masks[1]].any()  # the square is untouched
+    touched = masks[0] | swapped.masks(min_coverage=0.01)[0] | scene.masks(min_coverage=0.01)[0]
+    assert not changed[~touched].any()
+    region = edit_region(scene, swapped)
+    assert changed[~region].sum() == 0 and region.sum() < changed.sum() + 4 * 64
+    assert swapped.caption() == "a red triangle and a blue square on a white background"
+    assert scene.with_background("black").caption().endswith("on a black background")
+    assert scene.remove_object(0).caption() == "a blue square on a white background"
+    assert scene.remove_object(1).add_object(scene.objects[1]) == scene
+
+
+def test_masks_cover_objects():
+    scene = scene_from_seed(3, n_objects=2)
+    masks = scene.masks()
+    assert masks.shape == (2, 64, 64) and not (masks[0] & masks[1]).any()
+    assert all(m.sum() > 50 for m in masks)
+
+
+def test_scorer_reads_renders_correctly():
+    for seed in range(200):
+        scene = scene_from_seed(seed)
+        assert score_caption(scene.render(), scene.caption()).all, scene.caption()
+    found = analyze(Scene((Shape("triangle", "green", 32, 32, 14),), "gray").render())
+    assert found.background == "gray" and [(d.color, d.kind) for d in found.objects] == [
+        ("green", "triangle")
+    ]
+
+
+def test_scorer_notices_wrong_attributes():
+    img = Scene((Shape("square", "blue", 30, 30, 12),), "black").render()
+    got = score_caption(img, "a red circle on a white background")
+    assert not got.background and got.colors == (False,) and got.shapes == (False,)
+
+
+def test_tokenizer_gives_world_words_one_token():
+    tok = build_tokenizer(20)
+    assert all(len(tok.tokenize(w)) == 1 for w in world_words())
+    assert len(tok.tokenize("reddish")) > 1  # unknown words fall apart, they do not vanish
+    assert tok.model_max_length == 20
+
+
+def test_training_runs_end_to_end_and_resumes(tmp_path):
+    args = [
+        "--workdir",
+        str(tmp_path / "w"),
+        "--tiny",
+        "--n-train",
+        "32",
+        "--n-held-out",
+        "8",
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--sample-every",
+        "2",
+        "--ckpt-every",
+        "1",
+    ]
+    train.main([*args, "--out", str(tmp_path / "out")])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents
+    assert (tmp_path / "w" / "samples" / "step_000002.png").exists()
+    train.main([*args[:-4], "--unet-steps", "3", "--sample-every", "100", "--ckpt-every", "1"])
+    log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
+    assert torch.load(tmp_path / "w" / "state.pt", weights_only=False)["step"] == 3
+    assert any(row.get("phase") == "unet" for row in log)
