@@ -1,0 +1,164 @@
+"""Prompt-to-Prompt: attention hooks, controllers, alignment, edits (tiny SD-architecture pipeline)."""
+
+import pytest
+import torch
+
+from nti_utils.align import refine_alignment, replace_mapper, word_token_indices
+from nti_utils.attention import (
+    AttentionController,
+    AttentionStore,
+    controlled_attention,
+    cross_attention_resolutions,
+    default_map_resolution,
+)
+from nti_utils.ddim import DDIMSchedule, sample
+from nti_utils.inversion import InversionSettings, null_text_inversion
+from nti_utils.models import embed_prompts
+from nti_utils.p2p import LocalBlend, Refine, Replace, Reweight, edit, equalizer
+
+SRC = "a red circle on a white background"
+SWAP = "a red square on a white background"
+ADD = "a red circle and a blue square on a white background"
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def inverted(tiny_pipe, small_scene):
+    settings = InversionSettings(num_steps=STEPS, inner_steps=3)
+    return null_text_inversion(tiny_pipe, small_scene.render(), SRC, settings, progress=False)
+
+
+def _plain(pipe, inv, prompts):
+    sched = DDIMSchedule.from_scheduler(pipe.scheduler, STEPS)
+    z = inv.latent_T.expand(len(prompts), -1, -1, -1)
+    return sample(pipe.unet, z, embed_prompts(pipe, prompts), sched, 7.5, inv.uncond_per_step(),
+                  progress=False).latents  # fmt: skip
+
+
+class RecordEverything(AttentionController):
+    """Asks for explicit probabilities everywhere and changes nothing."""
+
+    def wants(self, info):
+        return True
+
+
+def test_controller_that_edits_nothing_reproduces_the_sampler(tiny_pipe, inverted):
+    prompts = [SRC, SWAP]
+    ref = _plain(tiny_pipe, inverted, prompts)
+    out = edit(tiny_pipe, inverted, prompts, progress=False)  # AttentionStore: records only
+    assert (out.latents - ref).abs().max().item() < 1e-5
+    everything = RecordEverything()
+    out2 = edit(tiny_pipe, inverted, prompts, controller=everything, progress=False)
+    assert (out2.latents - ref).abs().max().item() < 1e-5
+    zero_window = Replace(tiny_pipe.tokenizer, prompts, STEPS, cross_replace_steps=0.0,
+                          self_replace_steps=0.0)  # fmt: skip
+    out3 = edit(tiny_pipe, inverted, prompts, controller=zero_window, progress=False)
+    assert (out3.latents - ref).abs().max().item() < 1e-5
+
+
+def test_store_maps_sum_to_one_at_the_models_resolutions(tiny_pipe, inverted):
+    out = edit(tiny_pipe, inverted, [SRC], progress=False)
+    store = out.controller
+    expected = cross_attention_resolutions(tiny_pipe.unet)
+    assert store.resolutions() == [
+        (s, s) for s in sorted(set(sum(expected.values(), [])), reverse=True)
+    ]
+    for side in (16, 8):
+        maps = store.maps(side)
+        assert maps.shape == (1, side, side, tiny_pipe.tokenizer.model_max_length)
+        torch.testing.assert_close(maps.sum(-1), torch.ones(1, side, side))
+    assert default_map_resolution(tiny_pipe.unet) == 8
+    with pytest.raises(ValueError, match="no cross-attention maps at"):
+        store.maps(3)
+
+
+def test_restoring_processors_leaves_the_model_as_before(tiny_pipe):
+    before = dict(tiny_pipe.unet.attn_processors)
+    with pytest.raises(RuntimeError, match="boom"):
+        with controlled_attention(tiny_pipe.unet, AttentionStore()):
+            assert all(type(p).__name__ == "ControlledAttnProcessor"
+                       for p in tiny_pipe.unet.attn_processors.values())  # fmt: skip
+            raise RuntimeError("boom")
+    after = tiny_pipe.unet.attn_processors
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before)
+
+
+def test_word_indices_handle_multi_token_words(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    assert word_token_indices(tok, SRC, "circle") == [3]
+    assert word_token_indices(tok, SRC, 2) == [3]
+    assert word_token_indices(tok, SRC, "a") == [1, 5]
+    multi = word_token_indices(tok, "a reddish circle", "reddish")
+    assert len(multi) > 1 and multi == list(range(2, 2 + len(multi)))
+    assert word_token_indices(tok, "a reddish circle", "circle") == [2 + len(multi)]
+    with pytest.raises(ValueError, match="not in prompt"):
+        word_token_indices(tok, SRC, "square")
+
+
+def test_replace_needs_aligned_prompts(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    assert torch.equal(replace_mapper(tok, SRC, SWAP), torch.eye(tok.model_max_length))
+    with pytest.raises(ValueError, match="use a refinement edit"):
+        replace_mapper(tok, SRC, "a reddish circle on a white background")
+    with pytest.raises(ValueError, match="use a refinement edit"):
+        Replace(tok, [SRC, ADD], STEPS)
+
+
+def test_refine_alignment_maps_kept_tokens_to_the_source(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    al = refine_alignment(tok, SRC, ADD)
+    # target: <s> a red circle and a blue square on a white background </s>
+    assert al.mapper[:4].tolist() == [0, 1, 2, 3]
+    assert al.alphas[4:8].tolist() == [0, 0, 0, 0]  # "and a blue square" is new
+    assert al.mapper[8:13].tolist() == [4, 5, 6, 7, 8] and al.alphas[8:13].tolist() == [1] * 5
+    same = refine_alignment(tok, SRC, SRC)
+    assert torch.equal(same.mapper, torch.arange(tok.model_max_length))
+
+
+def test_replace_gives_targets_the_source_cross_attention(tiny_pipe, inverted):
+    ctrl = Replace(tiny_pipe.tokenizer, [SRC, SWAP], STEPS, cross_replace_steps=1.0,
+                   self_replace_steps=0.0)  # fmt: skip
+    out = edit(tiny_pipe, inverted, [SRC, SWAP], ctrl, progress=False)
+    maps = ctrl.maps(16)
+    torch.testing.assert_close(maps[1], maps[0])
+    ref = _plain(tiny_pipe, inverted, [SRC, SWAP])
+    assert (out.latents[1] - ref[1]).abs().max() > 1e-4  # the target changed
+    torch.testing.assert_close(out.latents[0], ref[0], atol=1e-5, rtol=0)  # the source did not
+
+
+def test_reweight_composes_with_refine_and_local_blend(tiny_pipe, inverted):
+    tok = tiny_pipe.tokenizer
+    prompts = [SRC, ADD]
+    blend = LocalBlend([["circle"], ["square"]], tok, prompts, threshold=0.5)
+    base = Refine(tok, prompts, STEPS, cross_replace_steps=0.8, local_blend=blend)
+    ctrl = Reweight(tok, prompts, STEPS, equalizer(tok, prompts, {"square": 3.0}), base=base)
+    out = edit(tiny_pipe, inverted, prompts, ctrl, progress=False)
+    assert len(out.images) == 2 and len(blend.masks) == STEPS
+    mask = blend.masks[-1]
+    assert mask.shape == (2, 1, 16, 16) and mask.any()
+    outside = ~mask[1, 0]
+    torch.testing.assert_close(out.latents[1][:, outside], out.latents[0][:, outside])
+    maps = ctrl.maps(16)
+    sq = word_token_indices(tok, ADD, "square")[0]
+    assert maps[1, ..., sq].sum() > 0
+
+
+def test_edit_checks_step_counts(tiny_pipe, inverted):
+    with pytest.raises(ValueError, match="built for 10 steps"):
+        edit(tiny_pipe, inverted, [SRC, SWAP], Replace(tiny_pipe.tokenizer, [SRC, SWAP], 10),
+             progress=False)  # fmt: skip
+
+
+def test_reweight_scales_the_chosen_words_after_the_base_edit(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    prompts = [SRC, ADD]
+    base = Refine(tok, prompts, STEPS)
+    ctrl = Reweight(tok, prompts, STEPS, equalizer(tok, prompts, {"square": 3.0}), base=base)
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 64, tok.model_max_length, generator=g).softmax(-1)
+    target = torch.rand(1, 2, 64, tok.model_max_length, generator=g).softmax(-1)
+    want = base.replace_cross(source, target)
+    sq = word_token_indices(tok, ADD, "square")
+    want[..., sq] *= 3.0
+    torch.testing.assert_close(ctrl.replace_cross(source, target), want)
