@@ -9,7 +9,7 @@ nearest named color of its pixels, and its shape follows from how much of its bo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -29,6 +29,7 @@ class Detected:
         fill (`float`): area / bounding-box area.
         area (`int`): pixels.
         bbox (`tuple[int, int, int, int]`): (left, top, right, bottom), inclusive.
+        mask (`np.ndarray`): bool (H, W), its pixels.
     """
 
     color: str
@@ -36,6 +37,7 @@ class Detected:
     fill: float
     area: int
     bbox: tuple[int, int, int, int]
+    mask: np.ndarray = field(repr=False, compare=False, default=None)
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,10 @@ def analyze(image: Image.Image | np.ndarray) -> Analysis:
         top, left = pts.min(axis=0)
         bottom, right = pts.max(axis=0)
         fill = len(pts) / float((bottom - top + 1) * (right - left + 1))
-        objects.append(
-            Detected(color, classify_fill(fill), fill, len(pts), (left, top, right, bottom))
-        )
+        mask = np.zeros((h, w), dtype=bool)
+        mask[pts[:, 0], pts[:, 1]] = True
+        bbox = (int(left), int(top), int(right), int(bottom))
+        objects.append(Detected(color, classify_fill(fill), fill, len(pts), bbox, mask))
     objects.sort(key=lambda d: -d.area)
     return Analysis(background, tuple(objects))
 

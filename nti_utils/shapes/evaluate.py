@@ -1,0 +1,182 @@
+"""Measure the embedded model against its quality bars: ``python -m nti_utils.shapes.evaluate``.
+
+Prints a table and writes the numbers as JSON (``--out``). What is measured, on held-out scenes
+(numbered from :data:`~nti_utils.shapes.train.HELD_OUT_SEED`, never trained on):
+
+1. VAE round-trip PSNR on rendered images (the paper's "VAE upper bound").
+2. Prompt adherence of DDIM samples (50 steps) at the default guidance, scored by
+   :mod:`nti_utils.shapes.score`: every single-object prompt with several seeds, and two-object
+   prompts.
+3. Cross-attention localization: for single-object samples, the share of the shape word's averaged
+   cross-attention mass (at the resolution Prompt-to-Prompt reads) inside the detected object.
+4. The paper's story on rendered images: DDIM inversion reconstructed at w = 1 and at the default w.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from nti_utils.align import word_token_indices
+from nti_utils.attention import AttentionStore, default_map_resolution
+from nti_utils.ddim import DDIMSchedule, invert, sample
+from nti_utils.images import decode, encode, pil_to_tensor
+from nti_utils.metrics import psnr
+from nti_utils.models import embed_prompts, load_pipeline
+from nti_utils.sampling import generate
+from nti_utils.shapes.score import analyze, score_caption
+from nti_utils.shapes.train import HELD_OUT_SEED, single_object_prompts
+from nti_utils.shapes.world import parse_caption, scene_from_seed
+
+DEFAULT_GUIDANCE = 7.5
+
+
+def vae_psnr(pipe, n: int = 200, batch: int = 50) -> float:
+    """Mean PSNR of decode(encode(x)) over `n` held-out renders."""
+    scenes = [scene_from_seed(HELD_OUT_SEED + i) for i in range(n)]
+    vals = []
+    for i in range(0, n, batch):
+        imgs = [s.render() for s in scenes[i : i + batch]]
+        rec = decode(pipe.vae, encode(pipe.vae, pil_to_tensor(imgs)))
+        vals += [psnr(im, r) for im, r in zip(imgs, rec)]
+    return float(np.mean(vals))
+
+
+def attention_mass_inside(maps: torch.Tensor, token: list[int], mask: np.ndarray) -> float:
+    """Share of a word's cross-attention mass inside `mask`.
+
+    Args:
+        maps: (h, w, K) averaged cross-attention of one prompt.
+        token: the word's token positions (their maps are summed).
+        mask: bool (H, W) at image resolution; the map is upsampled bilinearly to it.
+    """
+    m = maps[..., token].sum(-1)[None, None].float()
+    m = F.interpolate(m, size=mask.shape, mode="bilinear", align_corners=False)[0, 0].clamp_min(0)
+    m = m / m.sum()
+    return float(m[torch.from_numpy(mask)].sum())
+
+
+def adherence(pipe, prompts, guidance, seed, steps, batch, progress=True):
+    """Sample `prompts` and score them; returns per-sample dicts (with attention mass for
+    single-object prompts)."""
+    rows = []
+    res = default_map_resolution(pipe.unet)
+    gen = torch.Generator().manual_seed(seed)
+    for i in tqdm(
+        range(0, len(prompts), batch), desc=f"samples w={guidance}", disable=not progress
+    ):
+        chunk = prompts[i : i + batch]
+        store = AttentionStore()
+        out = generate(pipe, chunk, steps, guidance, gen, controller=store, progress=False)
+        maps = store.maps(res)
+        for j, (img, prompt) in enumerate(zip(out.images, chunk)):
+            s = score_caption(img, prompt)
+            row = {"prompt": prompt, "background": s.background, "color": all(s.colors),
+                   "shape": all(s.shapes), "count": s.count}  # fmt: skip
+            objects, _ = parse_caption(prompt)
+            found = analyze(img).objects
+            if len(objects) == 1 and len(found) == 1:
+                tok = word_token_indices(pipe.tokenizer, prompt, objects[0][1])
+                row["attention_inside"] = attention_mass_inside(maps[j], tok, found[0].mask)
+            rows.append(row)
+    return rows
+
+
+def inversion_story(pipe, guidance, n=20, steps=50, progress=True):
+    """PSNR of DDIM inversion + reconstruction at w = 1 and w = `guidance` on `n` renders."""
+    scenes = [scene_from_seed(HELD_OUT_SEED + 1000 + i) for i in range(n)]
+    imgs = [s.render() for s in scenes]
+    z0 = encode(pipe.vae, pil_to_tensor(imgs))
+    cond = embed_prompts(pipe, [s.caption() for s in scenes])
+    null = embed_prompts(pipe, "")
+    sched = DDIMSchedule.from_scheduler(pipe.scheduler, steps)
+    z_T = invert(pipe.unet, z0, cond, sched, progress=progress)[-1]
+    out = {"vae_bound": np.mean([psnr(a, b) for a, b in zip(imgs, decode(pipe.vae, z0))])}
+    for w in (1.0, guidance):
+        rec = decode(
+            pipe.vae, sample(pipe.unet, z_T, cond, sched, w, null, progress=progress).latents
+        )
+        out[f"ddim_w{w:g}"] = float(np.mean([psnr(a, b) for a, b in zip(imgs, rec)]))
+    return {k: float(v) for k, v in out.items()}
+
+
+def evaluate(model="toy", guidance=DEFAULT_GUIDANCE, seeds=3, n_two=60, steps=50, batch=45,
+             progress=True) -> dict:  # fmt: skip
+    """All measurements as a dict (see the module docstring)."""
+    torch.manual_seed(0)
+    pipe = load_pipeline(model, device="cpu")
+    t0 = time.perf_counter()
+    single = single_object_prompts() * seeds
+    two = [scene_from_seed(HELD_OUT_SEED + 5000 + i, n_objects=2).caption() for i in range(n_two)]
+    rows1 = adherence(pipe, single, guidance, 0, steps, batch, progress)
+    rows2 = adherence(pipe, two, guidance, 1, steps, batch, progress) if n_two else []
+
+    def rate(rows, key):
+        return float(np.mean([r[key] for r in rows])) if rows else float("nan")
+
+    inside = [r["attention_inside"] for r in rows1 if "attention_inside" in r]
+    return {
+        "model": str(model),
+        "guidance": guidance,
+        "steps": steps,
+        "vae_psnr_200": vae_psnr(pipe),
+        "single": {k: rate(rows1, k) for k in ("background", "color", "shape", "count")}
+        | {"n": len(rows1)},
+        "two": {k: rate(rows2, k) for k in ("background", "color", "shape", "count")}
+        | {"n": len(rows2)},
+        "attention_inside": float(np.mean(inside)) if inside else float("nan"),
+        "attention_n": len(inside),
+        "attention_resolution": default_map_resolution(pipe.unet),
+        "inversion": inversion_story(pipe, guidance, progress=progress),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def format_table(r: dict) -> str:
+    s, t, inv = r["single"], r["two"], r["inversion"]
+    w = r["guidance"]
+    lines = [
+        f"embedded model evaluation ({r['model']}, {r['steps']} DDIM steps, guidance {w:g})",
+        f"{'measure':<52}{'value':>10}{'bar':>10}",
+        f"{'VAE round-trip PSNR, 200 held-out renders (dB)':<52}{r['vae_psnr_200']:>10.2f}{'>= 30':>10}",
+        f"{'single-object samples (n=' + str(s['n']) + '): background right':<52}{s['background']:>10.3f}{'>= 0.90':>10}",
+        f"{'  object color right':<52}{s['color']:>10.3f}{'>= 0.90':>10}",
+        f"{'  shape right':<52}{s['shape']:>10.3f}{'>= 0.80':>10}",
+        f"{'  one object found':<52}{s['count']:>10.3f}{'':>10}",
+        f"{'two-object samples (n=' + str(t['n']) + '): background right':<52}{t['background']:>10.3f}{'':>10}",
+        f"{'  both colors right':<52}{t['color']:>10.3f}{'':>10}",
+        f"{'  both shapes right':<52}{t['shape']:>10.3f}{'':>10}",
+        f"{'  two objects found':<52}{t['count']:>10.3f}{'':>10}",
+        f"{'shape-word attention inside object (' + str(r['attention_resolution']) + 'x' + str(r['attention_resolution']) + ' maps)':<52}{r['attention_inside']:>10.3f}{'>= 0.60':>10}",
+        f"{'VAE bound on 20 renders (dB)':<52}{inv['vae_bound']:>10.2f}{'':>10}",
+        f"{'DDIM inversion + reconstruction, w=1 (dB)':<52}{inv['ddim_w1']:>10.2f}{'~ bound':>10}",
+        f"{'DDIM inversion + reconstruction, w=' + format(w, 'g') + ' (dB)':<52}{inv[f'ddim_w{w:g}']:>10.2f}{'worse':>10}",
+        f"(measured in {r['seconds']:.0f} s)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Evaluate the embedded model against its quality bars.")
+    p.add_argument("--model", default="toy", help='"toy" or a pipeline folder')
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--seeds", type=int, default=3, help="samples per single-object prompt")
+    p.add_argument("--n-two", type=int, default=60, help="two-object samples")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
+    args = p.parse_args(argv)
+    r = evaluate(args.model, args.guidance, args.seeds, args.n_two, args.steps)
+    print(format_table(r))
+    if args.out:
+        args.out.write_text(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()
