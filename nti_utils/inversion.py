@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +41,9 @@ class InversionSettings:
         epsilon (`float`, defaults to 1e-5): early stop when the latent MSE falls below
             ``epsilon + i * epsilon_growth`` at step index i.
         epsilon_growth (`float`, defaults to 2e-5): see `epsilon`.
+        per_timestep (`bool`, defaults to `True`): one null embedding per timestep (the paper's
+            method); False keeps optimizing a single embedding through all timesteps and uses the
+            final one everywhere (the paper's "global null embedding" ablation).
     """
 
     num_steps: int = 50
@@ -47,6 +52,7 @@ class InversionSettings:
     lr: float = 1e-2
     epsilon: float = 1e-5
     epsilon_growth: float = 2e-5
+    per_timestep: bool = True
 
 
 @dataclass
@@ -60,11 +66,15 @@ class InversionResult:
         prompt (`str`): the source prompt P whose embedding C was used.
         method (`str`): ``"null-text"``, ``"negative-prompt"`` or ``"ddim"``.
         settings (`InversionSettings`): what was used.
-        losses (`list[list[float]]`): per step, the latent MSE at each inner step (empty if none).
-        inner_steps (`list[int]`): per step, the Adam steps taken.
+        losses (`list[list[float]]`): per step, the latent MSE at each evaluation (before each Adam
+            update, and once more after the last one); empty for methods without optimization.
+        inner_steps (`list[int]`): per step, the Adam updates made (``len(losses[i]) - 1``).
         timings (`dict[str, float]`): seconds spent in each phase.
         model_id (`str`), model_fingerprint (`str`), scheduler_hash (`str`): model identity.
         pivots (`list[torch.Tensor]`): the w = 1 DDIM trajectory z*_0..z*_N (not saved to disk).
+        step_errors (`list[float]`): per step, MSE between z̄_{t-1} and the pivot z*_{t-1}
+            (null-text inversion only; not saved).
+        unet_calls (`dict[str, int]`): UNet forward and backward passes of the optimization.
     """
 
     latent_T: torch.Tensor
@@ -79,6 +89,8 @@ class InversionResult:
     model_fingerprint: str = ""
     scheduler_hash: str = ""
     pivots: list[torch.Tensor] = field(default_factory=list, repr=False)
+    step_errors: list[float] = field(default_factory=list)
+    unet_calls: dict[str, int] = field(default_factory=dict)
 
     def uncond_per_step(self) -> list[torch.Tensor]:
         """The null embeddings as a list of (1, L, D) tensors, one per sampling step."""
@@ -167,11 +179,25 @@ def negative_prompt_inversion(
     )
 
 
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Turn off `requires_grad` on a module's weights for the block (gradients then flow to the
+    inputs only, which is all null-text optimization needs), restoring the flags afterwards."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
 def null_text_inversion(
     pipe: StableDiffusionPipeline,
     image: ImageLike | torch.Tensor,
     prompt: str,
     settings: InversionSettings = InversionSettings(),
+    start_latent: torch.Tensor | None = None,
     progress: bool = True,
 ) -> InversionResult:
     """Null-text inversion (Mokady et al. 2023, Algorithm 1).
@@ -181,50 +207,72 @@ def null_text_inversion(
         image (image-like or `torch.Tensor`): a real image (loaded and resized to the model's
             resolution) or its latents z_0, (1, C, h, w).
         prompt (`str`): the source prompt P describing the image.
-        settings (`InversionSettings`): defaults are the paper's.
+        settings (`InversionSettings`): defaults are the paper's; ``per_timestep=False`` optimizes
+            one global null embedding instead (the paper's ablation).
+        start_latent (`torch.Tensor`, *optional*): start from this z̄_T instead of the pivot z*_T
+            (the paper's "random pivot" ablation passes Gaussian noise). The targets stay the pivots.
         progress (`bool`, defaults to `True`): show tqdm bars.
 
     Returns:
         :class:`InversionResult` with method ``"null-text"``.
+
+    Per timestep the UNet runs once for ε(z̄_t, t, C) and once per inner step for ε(z̄_t, t, ∅_t)
+    with a backward pass to ∅_t only (the weights are frozen). The loss is checked *before* each
+    Adam update: when it is below the threshold, that forward pass already gives z̄_{t-1} and no
+    extra UNet call is needed; otherwise, after the last update, one more forward pass does.
     """
     s = settings
     # 1. pivots z*_0..z*_N from DDIM inversion at w = 1
     schedule, cond, null, pivots, timings = _prepare(pipe, image, prompt, s, progress)
     unet = pipe.unet
     t0 = time.perf_counter()
-    latent = pivots[-1]  # z̄_T = z*_T
+    latent = pivots[-1] if start_latent is None else start_latent.to(pivots[-1])  # z̄_T
     null_t = null.detach().clone()  # ∅ initialized from encoder("")
-    nulls, losses, counts = [], [], []
+    nulls, losses, counts, errors = [], [], [], []
+    calls = {"forward": 0, "backward": 0}
     n = len(schedule)
     # 2. for t = T..1, optimize ∅_t so that the guided step from z̄_t lands on the pivot z*_{t-1}
-    for i in tqdm(range(n), desc="null-text optimization", disable=not progress):
-        t = schedule.timesteps[i]
-        alpha_t, alpha_prev = schedule.alphas(i)
-        target = pivots[n - 1 - i]
-        with torch.no_grad():
-            eps_c = predict_noise(unet, latent, t, cond)  # ε(z̄_t, t, C): once per step
-        null_t = null_t.detach().clone().requires_grad_(True)  # ∅_t starts from ∅_{t+1}
-        opt = torch.optim.Adam([null_t], lr=s.lr * (1.0 - i / 100.0))
-        step_losses: list[float] = []
-        for _ in range(s.inner_steps):
-            eps_u = predict_noise(unet, latent, t, null_t)
-            z_prev = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
-            loss = F.mse_loss(z_prev.float(), target.float())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step_losses.append(loss.item())
-            if step_losses[-1] < s.epsilon + i * s.epsilon_growth:
-                break
-        # 3. z̄_{t-1}: the guided step with the optimized ∅_t
-        with torch.no_grad():
-            eps_u = predict_noise(unet, latent, t, null_t)
-            latent = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
-        nulls.append(null_t.detach())
-        losses.append(step_losses)
-        counts.append(len(step_losses))
+    with frozen(unet):
+        for i in tqdm(range(n), desc="null-text optimization", disable=not progress):
+            t = schedule.timesteps[i]
+            alpha_t, alpha_prev = schedule.alphas(i)
+            target = pivots[n - 1 - i].float()
+            threshold = s.epsilon + i * s.epsilon_growth
+            with torch.no_grad():
+                eps_c = predict_noise(unet, latent, t, cond)  # ε(z̄_t, t, C): once per step
+            calls["forward"] += 1
+            null_t = null_t.detach().clone().requires_grad_(True)  # ∅_t starts from ∅_{t+1}
+            opt = torch.optim.Adam([null_t], lr=s.lr * (1.0 - i / 100.0))
+            step_losses: list[float] = []
+            z_next = None
+            for k in range(s.inner_steps + 1):
+                eps_u = predict_noise(unet, latent, t, null_t)
+                calls["forward"] += 1
+                z_prev = ddim_step(
+                    latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev
+                )
+                loss = F.mse_loss(z_prev.float(), target)
+                step_losses.append(loss.item())
+                if step_losses[-1] < threshold or k == s.inner_steps:
+                    z_next = z_prev.detach()  # 3. z̄_{t-1} with the current ∅_t, no extra call
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                calls["backward"] += 1
+                opt.step()
+            latent = z_next
+            errors.append(F.mse_loss(latent.float(), target).item())
+            nulls.append(null_t.detach())
+            losses.append(step_losses)
+            counts.append(len(step_losses) - 1)  # Adam updates
+    if not s.per_timestep:
+        nulls = [nulls[-1]] * n
     timings["optimization"] = time.perf_counter() - t0
-    return _result(pipe, "null-text", prompt, s, pivots[-1], nulls, pivots, timings, losses, counts)
+    result = _result(pipe, "null-text", prompt, s, latent_T=pivots[-1] if start_latent is None
+                     else start_latent, nulls=nulls, pivots=pivots, timings=timings, losses=losses,
+                     counts=counts)  # fmt: skip
+    result.step_errors, result.unet_calls = errors, calls
+    return result
 
 
 def reconstruct(

@@ -43,8 +43,12 @@ def test_null_text_result_contents(nti):
     assert nti.method == "null-text" and nti.prompt == PROMPT
     assert nti.null_embeddings.shape == (n, 1, 16, 32)
     assert len(nti.losses) == n and len(nti.inner_steps) == n
-    assert all(1 <= k <= SETTINGS.inner_steps for k in nti.inner_steps)
-    assert [len(row) for row in nti.losses] == nti.inner_steps
+    assert all(0 <= k <= SETTINGS.inner_steps for k in nti.inner_steps)
+    assert [len(row) - 1 for row in nti.losses] == nti.inner_steps
+    assert len(nti.step_errors) == n
+    # one ε(C) per step, one ε(∅) per evaluation, one backward per update
+    assert nti.unet_calls == {"forward": n + sum(len(r) for r in nti.losses),
+                              "backward": sum(nti.inner_steps)}  # fmt: skip
     assert {"encode", "ddim_inversion", "optimization"} <= set(nti.timings)
     assert len(nti.pivots) == n + 1
     # each timestep's embedding starts from the previous one, so they differ but stay related
@@ -54,7 +58,25 @@ def test_null_text_result_contents(nti):
 def test_early_stopping_cuts_inner_steps(tiny_pipe, small_scene):
     loose = dataclasses.replace(SETTINGS, epsilon=1.0)  # every first loss is below 1
     res = null_text_inversion(tiny_pipe, small_scene.render(), PROMPT, loose, progress=False)
-    assert res.inner_steps == [1] * SETTINGS.num_steps
+    assert res.inner_steps == [0] * SETTINGS.num_steps  # no update needed: ∅ stays encoder("")
+    assert torch.equal(res.null_embeddings[0], res.null_embeddings[-1])
+
+
+def test_weights_stay_untouched_and_trainable(tiny_pipe, nti):
+    assert all(p.requires_grad for p in tiny_pipe.unet.parameters())
+    assert all(p.grad is None for p in tiny_pipe.unet.parameters())
+
+
+def test_global_null_and_random_pivot_ablations_are_worse(tiny_pipe, small_scene, nti):
+    z0 = image_to_latents(tiny_pipe, small_scene.render())
+    glob = dataclasses.replace(SETTINGS, per_timestep=False)
+    res_g = null_text_inversion(tiny_pipe, z0, PROMPT, glob, progress=False)
+    assert all(torch.equal(e, res_g.null_embeddings[0]) for e in res_g.null_embeddings)
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
+    res_r = null_text_inversion(tiny_pipe, z0, PROMPT, SETTINGS, start_latent=noise, progress=False)
+    assert torch.equal(res_r.latent_T, noise)
+    err = _err(tiny_pipe, nti, z0)
+    assert err < _err(tiny_pipe, res_g, z0) and err < _err(tiny_pipe, res_r, z0)
 
 
 def test_negative_prompt_inversion_retraces_guidance_one(tiny_pipe, small_scene):

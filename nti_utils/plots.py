@@ -1,0 +1,127 @@
+"""Figures for the notebooks. Every function returns a matplotlib `Figure` (never displays it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from nti_utils.align import prompt_tokens
+
+
+def image_grid(
+    images: Sequence[Image.Image | np.ndarray],
+    titles: Sequence[str] | None = None,
+    ncols: int | None = None,
+    size: float = 2.0,
+    suptitle: str | None = None,
+) -> Figure:
+    """Images side by side (wrapping after `ncols`), with optional titles."""
+    n = len(images)
+    ncols = ncols or n
+    nrows = (n + ncols - 1) // ncols
+    fig = Figure(figsize=(size * ncols, size * nrows + (0.4 if suptitle else 0)))
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(np.asarray(images[k]), interpolation="nearest")
+            if titles is not None:
+                ax.set_title(titles[k], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def curves(
+    series: dict[str, Sequence[float]],
+    xlabel: str,
+    ylabel: str,
+    x: Sequence[float] | None = None,
+    title: str | None = None,
+    hlines: dict[str, float] | None = None,
+    logy: bool = False,
+    size: tuple[float, float] = (5.5, 3.2),
+) -> Figure:
+    """Line plot of named series (same x), with optional labelled horizontal reference lines."""
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    for name, ys in series.items():
+        xs = x if x is not None else range(len(ys))
+        ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="gray", linewidth=1)
+        ax.annotate(name, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8,
+                    va="bottom", color="gray")  # fmt: skip
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def word_attention_maps(
+    maps: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    image: Image.Image | None = None,
+    size: float = 1.6,
+) -> Figure:
+    """Cross-attention of each token of `prompt` (start and end tokens excluded), one panel each.
+
+    Args:
+        maps (`torch.Tensor`): (h, w, K) averaged maps of this prompt, e.g.
+            ``store.maps(resolution)[i]``.
+        tokenizer: to label panels with the tokens.
+        prompt (`str`): the prompt the maps belong to.
+        image (`PIL.Image.Image`, *optional*): shown first and under each map.
+    """
+    ids = prompt_tokens(tokenizer, prompt)[1:-1]
+    labels = [tokenizer.decode([i]).strip() for i in ids]
+    n = len(ids) + (image is not None)
+    fig = Figure(figsize=(size * n, size + 0.3))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    if image is not None:
+        axes[0].imshow(image)
+        axes[0].set_title("image", fontsize=8)
+        axes = axes[1:]
+    side = image.size[0] if image is not None else maps.shape[0]
+    for ax, pos, label in zip(axes, range(1, len(ids) + 1), labels):
+        m = maps[..., pos][None, None].float()
+        m = F.interpolate(m, size=(side, side), mode="bilinear", align_corners=False)[0, 0]
+        if image is not None:
+            ax.imshow(np.asarray(image.convert("L")), cmap="gray", alpha=1.0)
+            ax.imshow(m.numpy(), cmap="jet", alpha=0.55)
+        else:
+            ax.imshow(m.numpy(), cmap="jet")
+        ax.set_title(label, fontsize=8)
+    for ax in fig.axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def heatmap_grid(
+    maps: Sequence[np.ndarray], titles: Sequence[str], size: float = 1.8, cmap: str = "magma"
+) -> Figure:
+    """Small heatmaps side by side (e.g. LocalBlend masks or error maps), each with a colorbar."""
+    fig = Figure(figsize=(size * len(maps) * 1.2, size))
+    axes = fig.subplots(1, len(maps), squeeze=False)[0]
+    for ax, m, t in zip(axes, maps, titles):
+        im = ax.imshow(np.asarray(m), cmap=cmap, interpolation="nearest")
+        ax.set_title(t, fontsize=8)
+        ax.axis("off")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    return fig
