@@ -1,0 +1,111 @@
+"""Edits with ground truth: a source scene, the edited target scene, their prompts and the region
+that may change, and the scoring of an edited image against all of that.
+
+This is what makes the embedded model's world useful for Prompt-to-Prompt: the target of "turn the
+circle into a square" is not a matter of taste, it is ``scene.with_object(0, kind="square")``
+rendered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from nti_utils.metrics import psnr
+from nti_utils.shapes.score import score_caption
+from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, Scene, edit_region
+
+EDIT_KINDS = ("shape", "color", "background")
+"""Word swaps the shapes world can score exactly."""
+
+
+@dataclass(frozen=True)
+class EditCase:
+    """One edit with its ground truth.
+
+    Attributes:
+        kind (`str`): one of :data:`EDIT_KINDS`.
+        source, target (`Scene`): before and after.
+        source_word, target_word (`str`): the swapped word (e.g. "circle" -> "square").
+        region (`np.ndarray`): bool (H, W), where pixels may change (see
+            :func:`~nti_utils.shapes.world.edit_region`).
+    """
+
+    kind: str
+    source: Scene
+    target: Scene
+    source_word: str
+    target_word: str
+    region: np.ndarray
+
+    @property
+    def prompts(self) -> list[str]:
+        """[source caption, target caption]."""
+        return [self.source.caption(), self.target.caption()]
+
+    @property
+    def blend_words(self) -> list[list[str]]:
+        """Words marking the edited object for LocalBlend, per prompt (empty for background)."""
+        if self.kind == "background":
+            return [[], []]
+        obj_s, obj_t = self.source.objects[0], self.target.objects[0]
+        return [[obj_s.kind], [obj_t.kind]]
+
+
+def make_edit(scene: Scene, kind: str, rng: np.random.Generator) -> EditCase:
+    """Swap the first object's shape or color, or the background, to a random other value."""
+    if kind == "shape":
+        old = scene.objects[0].kind
+        new = str(rng.choice([k for k in SHAPES if k != old]))
+        target = scene.with_object(0, kind=new)
+    elif kind == "color":
+        old = scene.objects[0].color
+        new = str(rng.choice([c for c in OBJECT_COLORS if c != old]))
+        target = scene.with_object(0, color=new)
+    elif kind == "background":
+        old = scene.background
+        new = str(rng.choice([b for b in BACKGROUNDS if b != old]))
+        target = scene.with_background(new)
+    else:
+        raise ValueError(f"unknown edit kind {kind!r}; choose one of {EDIT_KINDS}")
+    return EditCase(kind, scene, target, old, new, edit_region(scene, target))
+
+
+@dataclass(frozen=True)
+class EditScore:
+    """How good an edited image is.
+
+    Attributes:
+        success (`bool`): the scorer reads the target caption's changed attribute in the image and
+            the unchanged attributes stay as they were.
+        psnr_target (`float`): PSNR (dB) against the ground-truth target render.
+        psnr_outside (`float`): PSNR (dB) against the *input* image outside the edit region (how well
+            everything that should not change was kept); `inf` if identical.
+    """
+
+    success: bool
+    psnr_target: float
+    psnr_outside: float
+
+
+def score_edit(case: EditCase, edited: Image.Image, source_image: Image.Image) -> EditScore:
+    """Score an edited image against the case's ground truth.
+
+    Args:
+        case (`EditCase`): the edit.
+        edited (`PIL.Image.Image`): the edited image, at the scene's resolution.
+        source_image (`PIL.Image.Image`): the input image that was inverted.
+    """
+    side = case.source.resolution
+    if edited.size != (side, side):
+        raise ValueError(f"edited image is {edited.size}, the scene is {side}x{side}")
+    s = score_caption(edited, case.target.caption())
+    success = s.background and all(s.colors) and all(s.shapes) and s.count
+    outside = ~case.region
+    return EditScore(
+        success=bool(success),
+        psnr_target=psnr(edited, case.target.render()),
+        psnr_outside=psnr(edited, source_image, mask=outside) if outside.any() else float("nan"),
+    )
