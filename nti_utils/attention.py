@@ -99,6 +99,12 @@ class AttentionController:
         self.cur_step = 0
         self.num_prompts = 1
         self.latent_hw: tuple[int, int] = (0, 0)
+        self.map_resolution: int | None = None
+
+    def attach(self, unet: UNet2DConditionModel) -> None:
+        """Called by :func:`controlled_attention` on installation: read what the controller needs
+        from the model (here the resolution maps are read at, :func:`default_map_resolution`)."""
+        self.map_resolution = default_map_resolution(unet)
 
     def begin(self, num_prompts: int, latent_hw: tuple[int, int]) -> None:
         """Start a sampling run of `num_prompts` prompts with latents of spatial size `latent_hw`."""
@@ -216,6 +222,7 @@ def controlled_attention(
     """
     originals = unet.attn_processors
     infos = layer_infos(unet)
+    controller.attach(unet)
     unet.set_attn_processor({n: ControlledAttnProcessor(controller, i) for n, i in infos.items()})
     try:
         yield controller
@@ -247,7 +254,6 @@ class AttentionStore(AttentionController):
         self.sums: dict[tuple[str, bool, tuple[int, int]], torch.Tensor] = {}
         self.counts: dict[tuple[str, bool, tuple[int, int]], int] = {}
         self.steps = 0
-        self.default_resolution: int | None = None  # set by the caller from the UNet
 
     def begin(self, num_prompts: int, latent_hw: tuple[int, int]) -> None:
         super().begin(num_prompts, latent_hw)

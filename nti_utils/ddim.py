@@ -152,6 +152,7 @@ def sample(
     callback: StepCallback | None = None,
     keep_trajectory: bool = False,
     progress: bool = True,
+    cond_offsets: Sequence[torch.Tensor] | None = None,
 ) -> SampleOutput:
     """Text-conditioned DDIM sampling with classifier-free guidance.
 
@@ -168,6 +169,9 @@ def sample(
             returns a tensor, that replaces the latents (Prompt-to-Prompt's LocalBlend uses this).
         keep_trajectory (`bool`, defaults to `False`): also return z_T..z_0 and the predicted x0s.
         progress (`bool`, defaults to `True`): show a tqdm bar.
+        cond_offsets (sequence of `torch.Tensor`, *optional*): one (1 or B, L, D) tensor per step,
+            added to every row of `cond` at that step (the "optimize C" ablation of null-text
+            inversion shifts the source and target prompts by the same learned offset).
 
     Returns:
         :class:`SampleOutput`. The arithmetic (batching [∅; C], then ε̃, then the DDIM step) matches
@@ -177,8 +181,13 @@ def sample(
     if use_cfg and uncond is None:
         raise ValueError("guidance_scale != 1 needs null embeddings `uncond`")
     nulls = _per_step(uncond if use_cfg else None, len(schedule), latents.shape[0])
+    if cond_offsets is not None and len(cond_offsets) != len(schedule):
+        raise ValueError(f"got {len(cond_offsets)} conditional offsets for {len(schedule)} steps")
+    base = cond
     traj, x0s = ([latents], []) if keep_trajectory else ([], [])
     for i, t in enumerate(tqdm(schedule.timesteps, desc="DDIM sampling", disable=not progress)):
+        if cond_offsets is not None:
+            cond = base + cond_offsets[i].to(base)
         if use_cfg:
             emb = torch.cat([nulls[i].to(cond.dtype), cond])
             eps_u, eps_c = predict_noise(unet, torch.cat([latents] * 2), t, emb).chunk(2)

@@ -44,6 +44,10 @@ class InversionSettings:
         per_timestep (`bool`, defaults to `True`): one null embedding per timestep (the paper's
             method); False keeps optimizing a single embedding through all timesteps and uses the
             final one everywhere (the paper's "global null embedding" ablation).
+        optimize (`str`, defaults to ``"null"``): which embedding Algorithm 1 optimizes: ``"null"``
+            (∅_t, the paper's method) or ``"cond"`` (the source prompt's C_t with ∅ fixed, the
+            paper's textual-inversion-style ablation; the result then holds per-step offsets
+            ``C_t - C`` that reconstruction and editing add to every prompt's embedding).
     """
 
     num_steps: int = 50
@@ -53,6 +57,11 @@ class InversionSettings:
     epsilon: float = 1e-5
     epsilon_growth: float = 2e-5
     per_timestep: bool = True
+    optimize: str = "null"
+
+    def __post_init__(self) -> None:
+        if self.optimize not in ("null", "cond"):
+            raise ValueError(f"optimize must be 'null' or 'cond', got {self.optimize!r}")
 
 
 @dataclass
@@ -64,7 +73,10 @@ class InversionResult:
         null_embeddings (`torch.Tensor`): ∅_t for each sampling step, (N, 1, L, D), in sampling order
             (first row for t = T).
         prompt (`str`): the source prompt P whose embedding C was used.
-        method (`str`): ``"null-text"``, ``"negative-prompt"`` or ``"ddim"``.
+        method (`str`): ``"null-text"``, ``"negative-prompt"``, ``"ddim"``, ``"cond-text"`` (C_t
+            optimized instead of ∅_t), ``"null-text-fast"``
+            (:mod:`~nti_utils.fast_inversion`) or ``"null-text-reference"`` (the benchmark's
+            reference loop, :func:`~nti_utils.bench.reference_null_text_inversion`).
         settings (`InversionSettings`): what was used.
         losses (`list[list[float]]`): per step, the latent MSE at each evaluation (before each Adam
             update, and once more after the last one); empty for methods without optimization.
@@ -75,6 +87,9 @@ class InversionResult:
         step_errors (`list[float]`): per step, MSE between z̄_{t-1} and the pivot z*_{t-1}
             (null-text inversion only; not saved).
         unet_calls (`dict[str, int]`): UNet forward and backward passes of the optimization.
+        cond_offsets (`torch.Tensor`, *optional*): ``C_t - C`` per sampling step, (N, 1, L, D), when
+            the conditional embedding was optimized (``settings.optimize == "cond"``); added to the
+            embedding of every prompt at step t when reconstructing or editing. `None` otherwise.
     """
 
     latent_T: torch.Tensor
@@ -91,10 +106,15 @@ class InversionResult:
     pivots: list[torch.Tensor] = field(default_factory=list, repr=False)
     step_errors: list[float] = field(default_factory=list)
     unet_calls: dict[str, int] = field(default_factory=dict)
+    cond_offsets: torch.Tensor | None = None
 
     def uncond_per_step(self) -> list[torch.Tensor]:
         """The null embeddings as a list of (1, L, D) tensors, one per sampling step."""
         return list(self.null_embeddings)
+
+    def cond_offsets_per_step(self) -> list[torch.Tensor] | None:
+        """The conditional offsets as a list of (1, L, D) tensors, or `None` if there are none."""
+        return None if self.cond_offsets is None else list(self.cond_offsets)
 
 
 def _prepare(
@@ -202,6 +222,9 @@ def null_text_inversion(
 ) -> InversionResult:
     """Null-text inversion (Mokady et al. 2023, Algorithm 1).
 
+    ``settings.optimize == "cond"`` runs the same loop on the source prompt's embedding C_t instead,
+    with ∅ = encoder("") fixed (the paper's textual-inversion-style ablation, method ``"cond-text"``).
+
     Args:
         pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
         image (image-like or `torch.Tensor`): a real image (loaded and resized to the model's
@@ -214,7 +237,8 @@ def null_text_inversion(
         progress (`bool`, defaults to `True`): show tqdm bars.
 
     Returns:
-        :class:`InversionResult` with method ``"null-text"``.
+        :class:`InversionResult` with method ``"null-text"`` (``"cond-text"`` with
+        ``settings.optimize == "cond"``).
 
     Per timestep the UNet runs once for ε(z̄_t, t, C) and once per inner step for ε(z̄_t, t, ∅_t)
     with a backward pass to ∅_t only (the weights are frozen). The loss is checked *before* each
@@ -227,7 +251,9 @@ def null_text_inversion(
     unet = pipe.unet
     t0 = time.perf_counter()
     latent = pivots[-1] if start_latent is None else start_latent.to(pivots[-1])  # z̄_T
-    null_t = null.detach().clone()  # ∅ initialized from encoder("")
+    opt_cond = s.optimize == "cond"
+    fixed, null_t = (null, cond) if opt_cond else (cond, null)  # null_t: the embedding optimized
+    null_t = null_t.detach().clone()  # ∅ initialized from encoder("") (or C from encoder(P))
     nulls, losses, counts, errors = [], [], [], []
     calls = {"forward": 0, "backward": 0}
     n = len(schedule)
@@ -239,15 +265,17 @@ def null_text_inversion(
             target = pivots[n - 1 - i].float()
             threshold = s.epsilon + i * s.epsilon_growth
             with torch.no_grad():
-                eps_c = predict_noise(unet, latent, t, cond)  # ε(z̄_t, t, C): once per step
+                eps_fixed = predict_noise(unet, latent, t, fixed)  # ε(z̄_t, t, C): once per step
+                # (ε(z̄_t, t, ∅) when C is the one optimized)
             calls["forward"] += 1
             null_t = null_t.detach().clone().requires_grad_(True)  # ∅_t starts from ∅_{t+1}
             opt = torch.optim.Adam([null_t], lr=s.lr * (1.0 - i / 100.0))
             step_losses: list[float] = []
             z_next = None
             for k in range(s.inner_steps + 1):
-                eps_u = predict_noise(unet, latent, t, null_t)
+                eps_var = predict_noise(unet, latent, t, null_t)  # ε(z̄_t, t, ∅_t)
                 calls["forward"] += 1
+                eps_u, eps_c = (eps_fixed, eps_var) if opt_cond else (eps_var, eps_fixed)
                 z_prev = ddim_step(
                     latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev
                 )
@@ -267,11 +295,15 @@ def null_text_inversion(
             counts.append(len(step_losses) - 1)  # Adam updates
     if not s.per_timestep:
         nulls = [nulls[-1]] * n
+    offsets = None
+    if opt_cond:
+        offsets = torch.stack([c - cond for c in nulls]).detach()
+        nulls = [null] * n
     timings["optimization"] = time.perf_counter() - t0
-    result = _result(pipe, "null-text", prompt, s, latent_T=pivots[-1] if start_latent is None
-                     else start_latent, nulls=nulls, pivots=pivots, timings=timings, losses=losses,
-                     counts=counts)  # fmt: skip
-    result.step_errors, result.unet_calls = errors, calls
+    result = _result(pipe, "cond-text" if opt_cond else "null-text", prompt, s,
+                     latent_T=pivots[-1] if start_latent is None else start_latent, nulls=nulls,
+                     pivots=pivots, timings=timings, losses=losses, counts=counts)  # fmt: skip
+    result.step_errors, result.unet_calls, result.cond_offsets = errors, calls, offsets
     return result
 
 
@@ -292,7 +324,8 @@ def reconstruct(
     cond = embed_prompts(pipe, result.prompt)
     dev = pipe.unet.device
     nulls = [u.to(dev) for u in result.uncond_per_step()]
-    out = sample(pipe.unet, result.latent_T.to(dev), cond, schedule, w, nulls, progress=progress)
+    out = sample(pipe.unet, result.latent_T.to(dev), cond, schedule, w, nulls, progress=progress,
+                 cond_offsets=result.cond_offsets_per_step())  # fmt: skip
     return out.latents
 
 
@@ -338,6 +371,8 @@ def save_inversion(result: InversionResult, path: str | Path, overwrite: bool = 
         "losses": losses,
         "inner_steps": torch.tensor(result.inner_steps, dtype=torch.int64),
     }
+    if result.cond_offsets is not None:
+        tensors["cond_offsets"] = result.cond_offsets.detach().cpu().contiguous()
     meta = {
         "format_version": FORMAT_VERSION,
         "prompt": result.prompt,
@@ -395,6 +430,7 @@ def load_inversion(
         model_id=meta["model_id"],
         model_fingerprint=meta["model_fingerprint"],
         scheduler_hash=meta["scheduler_hash"],
+        cond_offsets=tensors.get("cond_offsets"),
     )
     if num_steps is not None and num_steps != settings.num_steps:
         raise ValueError(
@@ -406,4 +442,6 @@ def load_inversion(
         dev, dt = pipe.unet.device, pipe.unet.dtype
         result.latent_T = result.latent_T.to(dev, dt)
         result.null_embeddings = result.null_embeddings.to(dev, dt)
+        if result.cond_offsets is not None:
+            result.cond_offsets = result.cond_offsets.to(dev, dt)
     return result

@@ -32,7 +32,6 @@ from nti_utils.attention import (
     AttentionStore,
     LayerInfo,
     controlled_attention,
-    default_map_resolution,
 )
 from nti_utils.ddim import DDIMSchedule, sample
 from nti_utils.images import latents_to_pil
@@ -115,6 +114,11 @@ class AttentionEdit(AttentionStore):
         self.self_window = _window(self_replace_steps, num_steps)
         self.self_replace_max_side = self_replace_max_side
         self.local_blend = local_blend
+
+    def attach(self, unet) -> None:
+        super().attach(unet)
+        if self.self_replace_max_side is None:
+            self.self_replace_max_side = self.map_resolution
 
     def wants(self, info: LayerInfo) -> bool:
         return True
@@ -219,6 +223,11 @@ class Reweight(AttentionEdit):
             target = self.base.replace_cross(source, target)
         return target * self.equalizer.to(source)[:, None, None, :]
 
+    def attach(self, unet) -> None:
+        super().attach(unet)
+        if self.base is not None:
+            self.base.attach(unet)
+
     def begin(self, num_prompts: int, latent_hw: tuple[int, int]) -> None:
         super().begin(num_prompts, latent_hw)
         if self.base is not None:
@@ -289,7 +298,7 @@ class LocalBlend:
     def __call__(self, store: AttentionStore, i: int, latents: torch.Tensor) -> torch.Tensor | None:
         if i < self.start_step:
             return None
-        res = self.resolution or store.default_resolution
+        res = self.resolution or store.map_resolution
         maps = store.maps(res)  # (P, h, w, L)
         mask = self._mask(maps, self.alpha, latents.shape[2:], pool=True)
         if self.subtract is not None:
@@ -323,7 +332,8 @@ def edit(
 
     Args:
         pipe (`StableDiffusionPipeline`): the model the image was inverted with.
-        inversion (`InversionResult`): from null-text (or another) inversion.
+        inversion (`InversionResult`): from null-text (or another) inversion; its per-step
+            conditional offsets, if any, are added to every prompt's embedding.
         prompts (`Sequence[str]`): the source prompt (should be the inversion's) and targets.
         controller (`AttentionStore`, *optional*): e.g. :class:`Replace`; a plain `AttentionStore`
             (the default) edits nothing and only records maps.
@@ -336,9 +346,6 @@ def edit(
     check_compatible(inversion, pipe)
     prompts = list(prompts)
     controller = controller if controller is not None else AttentionStore()
-    controller.default_resolution = default_map_resolution(pipe.unet)
-    if isinstance(controller, AttentionEdit) and controller.self_replace_max_side is None:
-        controller.self_replace_max_side = controller.default_resolution
     w = inversion.settings.guidance_scale if guidance_scale is None else guidance_scale
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, inversion.settings.num_steps)
     if isinstance(controller, AttentionEdit) and controller.num_steps != len(schedule):
@@ -352,5 +359,5 @@ def edit(
     controller.begin(len(prompts), tuple(latents.shape[2:]))
     with controlled_attention(pipe.unet, controller):
         out = sample(pipe.unet, latents, cond, schedule, w, nulls, callback=controller.step_end,
-                     progress=progress)  # fmt: skip
+                     progress=progress, cond_offsets=inversion.cond_offsets_per_step())  # fmt: skip
     return EditOutput(latents_to_pil(pipe, out.latents), out.latents, prompts, controller)

@@ -135,3 +135,45 @@ def test_load_rejects_foreign_files(tmp_path):
 def test_batch_of_images_is_refused(tiny_pipe):
     with pytest.raises(ValueError, match="one image at a time"):
         null_text_inversion(tiny_pipe, torch.zeros(2, 4, 16, 16), PROMPT, SETTINGS, progress=False)
+
+
+def test_optimizing_the_conditional_embedding_ablation(tiny_pipe, small_scene, tmp_path):
+    z0 = image_to_latents(tiny_pipe, small_scene.render())
+    cond_settings = dataclasses.replace(SETTINGS, optimize="cond")
+    res = null_text_inversion(tiny_pipe, z0, PROMPT, cond_settings, progress=False)
+    n = SETTINGS.num_steps
+    assert res.method == "cond-text" and res.cond_offsets.shape == (n, 1, 16, 32)
+    assert all(torch.equal(e, res.null_embeddings[0]) for e in res.null_embeddings)  # ∅ fixed
+    assert res.cond_offsets.abs().sum() > 0
+    ddim = ddim_inversion(tiny_pipe, z0, PROMPT, SETTINGS, progress=False)
+    assert _err(tiny_pipe, res, z0) < _err(tiny_pipe, ddim, z0)
+    # the offsets are used: without them the reconstruction is the fixed-∅ one from z̄_T
+    plain = dataclasses.replace(res, cond_offsets=None)
+    assert _err(tiny_pipe, res, z0) < _err(tiny_pipe, plain, z0)
+    back = load_inversion(save_inversion(res, tmp_path / "c.safetensors"), tiny_pipe)
+    assert torch.equal(back.cond_offsets, res.cond_offsets) and back.settings.optimize == "cond"
+    torch.testing.assert_close(
+        reconstruct(tiny_pipe, back, progress=False), reconstruct(tiny_pipe, res, progress=False)
+    )
+
+
+def test_edit_adds_the_conditional_offsets_to_every_prompt(tiny_pipe, small_scene):
+    from nti_utils.p2p import edit
+
+    settings = dataclasses.replace(SETTINGS, optimize="cond", num_steps=4, inner_steps=2)
+    res = null_text_inversion(tiny_pipe, small_scene.render(), PROMPT, settings, progress=False)
+    out = edit(tiny_pipe, res, [PROMPT, PROMPT], progress=False)  # a plain store edits nothing
+    rec = reconstruct(tiny_pipe, res, progress=False)
+    torch.testing.assert_close(out.latents[:1], rec, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.latents[1:], rec, atol=1e-5, rtol=1e-4)
+
+
+def test_settings_and_sampler_refuse_bad_values(tiny_pipe):
+    from nti_utils.ddim import DDIMSchedule, sample
+
+    with pytest.raises(ValueError, match="optimize must be"):
+        InversionSettings(optimize="weights")
+    sched = DDIMSchedule.from_scheduler(tiny_pipe.scheduler, 3)
+    z, c = torch.zeros(1, 4, 16, 16), torch.zeros(1, 16, 32)
+    with pytest.raises(ValueError, match="2 conditional offsets for 3 steps"):
+        sample(tiny_pipe.unet, z, c, sched, 1.0, cond_offsets=[c, c], progress=False)

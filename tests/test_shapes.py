@@ -123,3 +123,9 @@ def test_training_runs_end_to_end_and_resumes(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
     assert torch.load(tmp_path / "w" / "state.pt", weights_only=False)["step"] == 3
     assert any(row.get("phase") == "unet" for row in log)
+    # continue from the exported folder in a fresh workdir: the VAE is kept as it was
+    train.main([*args[:1], str(tmp_path / "w2"), *args[2:], "--init-from", str(tmp_path / "out")])
+    state = torch.load(tmp_path / "w2" / "state.pt", weights_only=False)
+    assert state["phase"] == "done" and state["step"] == 2
+    for k, v in pipe.vae.state_dict().items():
+        assert torch.equal(state["vae"][k], v)

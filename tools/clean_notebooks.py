@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     changed = []
     for path in args.paths:
         before = path.read_text()
-        after = json.dumps(clean(json.loads(before), path.stem), indent=1, ensure_ascii=False) + "\n"
+        after = (
+            json.dumps(clean(json.loads(before), path.stem), indent=1, ensure_ascii=False) + "\n"
+        )
         if after != before:
             changed.append(path)
             if not args.check:

@@ -2,7 +2,9 @@
 
 Run ``python -m nti_utils.shapes.train --workdir ~/.cache/nti-lab/train --out data/toy-sd``.
 Three phases, each resumable from ``<workdir>/state.pt`` (written atomically every
-``--ckpt-every`` steps; rerun the same command after an interruption):
+``--ckpt-every`` steps; rerun the same command after an interruption). ``--init-from data/toy-sd``
+continues training from an exported model (its VAE kept, a fresh UNet schedule) when the
+checkpoint is gone:
 
 1. **VAE** (`AutoencoderKL`, 64x64x3 -> 16x16x4): reconstruction MSE + L1 with a tiny KL term.
 2. **Latent cache**: encode every training render once (posterior mean), set the VAE's
@@ -69,7 +71,7 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-7
-    unet_steps: int = 6000
+    unet_steps: int = 3000
     unet_batch: int = 64
     unet_lr: float = 6e-4
     warmup: int = 250
@@ -174,7 +176,9 @@ def single_object_prompts() -> list[str]:
 class Trainer:
     """Holds models, data and optimizer state of a resumable training run."""
 
-    def __init__(self, workdir: Path, mcfg: ModelConfig, tcfg: TrainConfig) -> None:
+    def __init__(
+        self, workdir: Path, mcfg: ModelConfig, tcfg: TrainConfig, init_from: Path | None = None
+    ) -> None:
         self.workdir, self.mcfg, self.tcfg = workdir, mcfg, tcfg
         workdir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(tcfg.seed)
@@ -188,6 +192,7 @@ class Trainer:
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.latents: torch.Tensor | None = None
+        self.fixed_scale = False  # True when continuing from an exported model
         self.log: list[dict] = []
         data = workdir / "data.npz"
         if data.exists():
@@ -200,7 +205,22 @@ class Trainer:
             range(HELD_OUT_SEED, HELD_OUT_SEED + tcfg.n_held_out), tcfg.p_two
         )
         self.rng = np.random.default_rng(tcfg.seed)
+        if not self._state_path().exists() and init_from is not None:
+            self._init_from(init_from)
         self._resume()
+
+    def _init_from(self, folder: Path) -> None:
+        """Start from an exported pipeline: keep its VAE (so latents keep their meaning), continue
+        the UNet and text encoder from its (EMA) weights with a fresh optimizer and schedule."""
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+        for name in ("vae", "text_encoder", "unet"):
+            getattr(self, name).load_state_dict(getattr(pipe, name).state_dict())
+        self.ema_unet.load_state_dict(pipe.unet.state_dict())
+        self.ema_text.load_state_dict(pipe.text_encoder.state_dict())
+        self.vae.register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
+        self.fixed_scale = True
+        self.phase, self.step = "cache", 0
+        print(f"initialized from {folder}: VAE kept, UNet phase continues from its weights")
 
     # ------------------------------------------------------------------------- checkpoints
     def _state_path(self) -> Path:
@@ -290,7 +310,7 @@ class Trainer:
             for i in tqdm(range(0, len(self.images), 250), desc="encode"):
                 out.append(self.vae.encode(to_tensor(self.images[i : i + 250])).latent_dist.mean)
         z = torch.cat(out)
-        scale = float(1.0 / z.std())
+        scale = self.vae.config.scaling_factor if self.fixed_scale else float(1.0 / z.std())
         self.vae.register_to_config(scaling_factor=scale)
         self.latents = z * scale
         self._record(latent_std=float(z.std()), scaling_factor=scale)
@@ -425,6 +445,9 @@ def main(argv: list[str] | None = None) -> None:
         value = getattr(defaults, field)
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     p.add_argument("--tiny", action="store_true", help="tiny model sizes (tests of the trainer)")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="continue from an exported pipeline folder (e.g. data/toy-sd) instead of "
+                        "training from scratch: its VAE is kept, the UNet phase restarts")  # fmt: skip
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -438,7 +461,7 @@ def main(argv: list[str] | None = None) -> None:
             text_layers=1,
             text_heads=2,
         )
-    trainer = Trainer(args.workdir, mcfg, tcfg)
+    trainer = Trainer(args.workdir, mcfg, tcfg, init_from=args.init_from)
     trainer.run()
     if args.out is not None:
         trainer.export(args.out)

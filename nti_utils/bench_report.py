@@ -1,0 +1,165 @@
+"""The benchmark's outputs: summary per method, printed table, CSV, JSON and a plot.
+
+:func:`write_outputs` writes to one folder: ``summary.csv`` (one row per method, the columns of
+:data:`COLUMNS`), ``per_scene.csv`` (one row per method and scene), ``results.json`` (configuration,
+machine, summary, performance target, per-scene rows) and ``bench.png``; it returns the table text.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+COLUMNS: tuple[str, ...] = (
+    "method", "group", "n", "psnr", "ssim", "latent_mse", "vae_bound", "gap_to_vae", "wall_s", "cpu_s",
+    "unet_forward", "unet_backward", "peak_mem_mb", "edit_success", "edit_psnr_target",
+    "edit_psnr_background", "sweep_inner_steps",
+)  # fmt: skip
+"""Columns of the summary (``summary.csv`` and the ``summary`` list of ``results.json``)."""
+
+_MEANS = tuple(c for c in COLUMNS if c not in ("method", "group", "n", "sweep_inner_steps"))
+_TABLE = (  # (column, header, width, format)
+    ("psnr", "PSNR", 7, ".2f"), ("ssim", "SSIM", 6, ".3f"), ("latent_mse", "z MSE", 9, ".2e"),
+    ("gap_to_vae", "gap", 6, ".2f"),
+    ("wall_s", "wall s", 8, ".2f"), ("cpu_s", "cpu s", 8, ".2f"), ("unet_forward", "fwd", 7, ".0f"),
+    ("unet_backward", "bwd", 7, ".0f"), ("peak_mem_mb", "mem MB", 8, ".1f"),
+    ("edit_success", "edit ok", 8, ".2f"), ("edit_psnr_target", "tgt dB", 7, ".2f"),
+    ("edit_psnr_background", "bg dB", 7, ".2f"),
+)  # fmt: skip
+
+
+def _mean(values: list) -> float:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    vals = [v for v in vals if math.isfinite(v)] or vals  # an identical image gives PSNR inf
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def summarize(rows: list[dict], order: list[str]) -> list[dict]:
+    """Mean of every measure per method (in `order`), over the scenes it ran on.
+
+    Returns:
+        `list[dict]` with the keys of :data:`COLUMNS`; `edit_success` is a rate in [0, 1]; a
+        measure a method has no value for (edits of the inner-step sweep) is NaN.
+    """
+    out = []
+    for name in order:
+        mine = [r for r in rows if r["method"] == name]
+        if not mine:
+            continue
+        row = {"method": name, "group": mine[0]["group"], "n": len(mine)}
+        row |= {k: _mean([r.get(k) for r in mine]) for k in _MEANS}
+        row["sweep_inner_steps"] = mine[0].get("sweep_inner_steps")
+        out.append(row)
+    return out
+
+
+def format_table(results: dict) -> str:
+    """The summary as fixed-width text, with the VAE bound, the target and the context."""
+    summary, ctx, cfg = results["summary"], results["context"], results["config"]
+    name_w = max(len(r["method"]) for r in summary) + 2
+    head = f"{'method':<{name_w}}{'n':>4}" + "".join(f"{h:>{w}}" for _, h, w, _ in _TABLE)
+    lines = [
+        f"Null-text inversion benchmark: model {ctx['model_id']!r} ({ctx['resolution']} px), "
+        f"{cfg['steps']} DDIM steps, w={cfg['guidance']:g}, {ctx['device']} {ctx['dtype']}, "
+        f"{ctx['threads']} threads",
+        head,
+        "-" * len(head),
+    ]
+    for r in summary:
+        cells = "".join(f"{_fmt(r[k], f):>{w}}" for k, _, w, f in _TABLE)
+        lines.append(f"{r['method']:<{name_w}}{r['n']:>4}{cells}")
+    vae = [r["vae_bound"] for r in summary if r["group"] == "method"]
+    lines += [
+        "",
+        f"VAE bound (round trip) mean PSNR: {_fmt(_mean(vae), '.2f')} dB; gap = bound - PSNR; "
+        "z MSE: reconstructed vs encoded latents z_0 (the inversion alone, without the VAE).",
+        "fwd/bwd: latent rows through the UNet per image (a [∅; C] batch counts 2).",
+        f"Batched rows (ours) invert {cfg['batch']} images per call: their wall s, cpu s, fwd and "
+        "bwd are the batch's shared per image, their mem is the batch's.",
+        f"mem: {results.get('memory_kind', '')}.",
+        "edit ok: success rate of the intended change (renderer's scorer); tgt dB: PSNR against "
+        "the target render; bg dB: PSNR against the input outside the edit region.",
+    ]
+    t = results.get("target")
+    if t:
+        verdict = "MET" if t["met"] else "NOT MET"
+        lines.append(
+            f"Target (ours within 0.1 dB of the reference in <= 1/3 of its wall time): {verdict}: "
+            f"{t['psnr_ours']:.2f} vs {t['psnr_reference']:.2f} dB "
+            f"(shortfall {t['psnr_shortfall_db']:+.2f} dB), wall time ratio {t['wall_ratio']:.3f}, "
+            f"CPU time ratio {t['cpu_ratio']:.3f}."
+        )
+    return "\n".join(lines)
+
+
+def _fmt(v, f: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(results: dict) -> Figure:
+    """Three panels: PSNR vs wall time per method, PSNR vs inner steps, edit success rate."""
+    summary = results["summary"]
+    fig = Figure(figsize=(16, 4.5))
+    ax_t, ax_k, ax_e = fig.subplots(1, 3)
+    for r in summary:
+        color = "tab:blue" if r["group"] == "method" else "tab:gray"
+        ax_t.scatter(r["wall_s"], r["psnr"], color=color)
+        ax_t.annotate(r["method"], (r["wall_s"], r["psnr"]), fontsize=7,
+                      xytext=(3, 3), textcoords="offset points")  # fmt: skip
+    vae = _mean([r["vae_bound"] for r in summary])
+    ax_t.axhline(vae, color="k", ls="--", lw=0.8, label="VAE bound")
+    ax_t.set(xscale="log", xlabel="wall time per image (s)", ylabel="PSNR (dB)",
+             title="reconstruction vs time")  # fmt: skip
+    ax_t.legend(fontsize=7)
+    sweep = sorted((r["sweep_inner_steps"], r["psnr"]) for r in summary
+                   if r.get("sweep_inner_steps") is not None)  # fmt: skip
+    if sweep:
+        ax_k.plot(*zip(*sweep), marker="o")
+    ax_k.axhline(vae, color="k", ls="--", lw=0.8)
+    ax_k.set(xlabel="inner steps (ceiling)", ylabel="PSNR (dB)",
+             title="null-text inversion: PSNR vs inner steps")  # fmt: skip
+    edits = [r for r in summary if not math.isnan(r["edit_success"])]
+    ax_e.barh([r["method"] for r in edits], [r["edit_success"] for r in edits],
+              color=["tab:blue" if r["group"] == "method" else "tab:gray" for r in edits])  # fmt: skip
+    ax_e.invert_yaxis()
+    ax_e.tick_params(axis="y", labelsize=7)
+    ax_e.set(xlim=(0, 1), xlabel="edit success rate", title="Prompt-to-Prompt on each inversion")
+    fig.tight_layout()
+    return fig
+
+
+def write_outputs(results: dict, out: str | Path) -> str:
+    """Write CSVs, JSON and the plot into `out` (created); return the table text."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = format_table(results)
+    _write_csv(out / "summary.csv", results["summary"], list(COLUMNS))
+    per_scene = results["per_scene"]
+    cols = list(dict.fromkeys(k for r in per_scene for k in r))
+    _write_csv(out / "per_scene.csv", per_scene, cols)
+    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
+    (out / "table.txt").write_text(table + "\n")
+    plot(results).savefig(out / "bench.png", dpi=110)
+    return table

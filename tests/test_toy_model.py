@@ -1,0 +1,70 @@
+"""The committed embedded model (data/toy-sd): loads with plain diffusers, follows prompts, and
+supports the paper's pipeline end to end (inversion + Prompt-to-Prompt word swap)."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nti_utils.attention import cross_attention_resolutions, default_map_resolution
+from nti_utils.inversion import InversionSettings, null_text_inversion
+from nti_utils.models import TOY_MODEL_DIR, load_pipeline
+from nti_utils.p2p import LocalBlend, Replace, edit
+from nti_utils.shapes.edits import make_edit, score_edit
+from nti_utils.shapes.score import score_caption
+from nti_utils.shapes.world import scene_from_seed
+
+PROMPT = "a red circle on a white background"
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_pipeline("toy", device="cpu")
+
+
+def test_plain_diffusers_loads_and_samples_the_prompt():
+    pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe(PROMPT, num_inference_steps=25, guidance_scale=7.5, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    assert score_caption(image, PROMPT).all
+
+
+def test_folder_is_small_and_safetensors_only():
+    files = [p for p in TOY_MODEL_DIR.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".ckpt")]
+    assert (TOY_MODEL_DIR / "README.md").exists()  # the model card
+
+
+def test_attention_maps_at_the_models_resolutions(toy):
+    res = cross_attention_resolutions(toy.unet)
+    assert res["down"] == [16, 8] and res["mid"] == [4] and default_map_resolution(toy.unet) == 8
+    out = edit(toy, _inversion(toy, scene_from_seed(10_000_101, n_objects=1), steps=10), [PROMPT],
+               progress=False)  # fmt: skip
+    maps = out.controller.maps(8)
+    assert maps.shape == (1, 8, 8, toy.tokenizer.model_max_length)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(1, 8, 8))
+
+
+def _inversion(pipe, scene, steps=50):
+    settings = InversionSettings(num_steps=steps)
+    return null_text_inversion(pipe, scene.render(), scene.caption(), settings, progress=False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known defect of the committed model (model card): its cross-attention is near uniform, "
+    "so the swap changes the shape but does not keep the background at >= 25 dB (20.0 dB here)",
+)
+def test_shape_swap_on_an_inverted_render_keeps_the_background(toy):
+    scene = scene_from_seed(10_000_101, n_objects=1)
+    case = make_edit(scene, "shape", np.random.default_rng(0))
+    inv = _inversion(toy, scene)
+    blend = LocalBlend(case.blend_words, toy.tokenizer, case.prompts)
+    ctrl = Replace(toy.tokenizer, case.prompts, 50, cross_replace_steps=0.8, self_replace_steps=0.4,
+                   local_blend=blend)  # fmt: skip
+    out = edit(toy, inv, case.prompts, ctrl, progress=False)
+    score = score_edit(case, out.images[1], scene.render())
+    assert score.success, case.prompts
+    assert score.psnr_outside >= 25.0
