@@ -24,9 +24,9 @@ last step, so it is complete or absent; a rerun skips items whose folder exists 
 from other inputs or settings rather than mixing them). An item's computation depends only on the
 item and the settings (seeded from a hash of its id), so a run killed mid-way and restarted writes
 byte for byte what an uninterrupted run writes, whichever process handles an item. For that, timings
-stay out of the saved inversion (they are in ``metrics.json``) and its safetensors header is written
-with sorted keys. This holds for one device type and torch thread count (CPU results can differ in
-the last bits between thread counts). One run per output folder at a time.
+stay out of the saved inversion (they are in ``metrics.json``; ``save_inversion`` writes its
+safetensors header with sorted keys). This holds for one device type and torch thread count (CPU
+results can differ in the last bits between thread counts). One run per output folder at a time.
 
 Scale-out with Hugging Face ``accelerate``, data parallel over items: process r takes
 ``pending[r::world_size]`` of the pending ids in sorted order, and the main process merges errors
@@ -258,15 +258,6 @@ def config_hash(item: Item, settings: BatchSettings, model_key: str) -> str:
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _canonical_safetensors(path: Path) -> None:
-    """Rewrite a safetensors header as sorted JSON: safetensors writes metadata in a random order."""
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
-
-
 def process_item(pipe, item: Item, settings: BatchSettings, folder: Path, chash: str = "") -> dict:
     """Invert and edit one item, writing its files into `folder`; returns its metrics."""
     t0 = time.perf_counter()
@@ -280,7 +271,6 @@ def process_item(pipe, item: Item, settings: BatchSettings, folder: Path, chash:
     t2 = time.perf_counter()
     folder.mkdir(parents=True)
     save_inversion(dataclasses.replace(result, timings={}), folder / "inversion.safetensors")
-    _canonical_safetensors(folder / "inversion.safetensors")
     out.images[0].save(folder / "source.png")
     for k, im in enumerate(out.images[1:]):
         im.save(folder / f"edit_{k}.png")

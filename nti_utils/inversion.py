@@ -388,8 +388,19 @@ def save_inversion(result: InversionResult, path: str | Path, overwrite: bool = 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    _sort_header(tmp)
     tmp.replace(path)
     return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header as sorted JSON (safetensors writes its metadata in a random
+    order), so that saving the same result twice gives the same bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
 
 
 def load_inversion(

@@ -103,6 +103,11 @@ def test_save_load_roundtrip_is_exact(tiny_pipe, nti, tmp_path):
     )
 
 
+def test_saving_twice_gives_the_same_bytes(nti, tmp_path):
+    a = save_inversion(nti, tmp_path / "a.safetensors").read_bytes()
+    assert save_inversion(nti, tmp_path / "b.safetensors").read_bytes() == a
+
+
 def test_save_refuses_to_overwrite(nti, tmp_path):
     path = save_inversion(nti, tmp_path / "inv.safetensors")
     with pytest.raises(FileExistsError, match="overwrite=True"):
