@@ -67,6 +67,9 @@ from nti_utils.shapes.world import Scene, scene_from_seed
 
 REFERENCE, LIBRARY, OURS = "NTI reference loop", "NTI library (Alg. 1)", "NTI ours (fast)"
 DDIM_W1, DDIM_W = "DDIM inversion, w=1", "DDIM inversion, w=7.5"
+ABLATION_BASELINE = "ablation baseline: NTI library"
+"""Summary row: the library's null-text inversion on the ablation scenes only, so that the ablations
+(which run on the first `ablation_scenes` scenes) compare with it on the same images."""
 
 
 @dataclass(frozen=True)
@@ -235,7 +238,7 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
         Method("negative-prompt inversion",
                lambda p, im, pr, _: negative_prompt_inversion(p, im, pr, s, False)),
         Method(REFERENCE, lambda p, im, pr, _: reference_null_text_inversion(p, im, pr, s)),
-        Method(LIBRARY, lib(s), sweep_inner_steps=s.inner_steps if cfg.ablations else None),
+        Method(LIBRARY, lib(s)),
         Method(OURS, ours(fast), batched=True),
     ]  # fmt: skip
     if cfg.ablations:
@@ -358,6 +361,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     res = model_resolution(pipe)
     all_methods = methods(cfg, device_type)
     items = [bench_scene(i, cfg, res) for i in range(cfg.scenes)]
+    ablation_seeds = {it.seed for it in items if it.index < cfg.ablation_scenes}
     _warm_up(pipe, items[: min(2, len(items))])
     rows = []
     batches = [items[k : k + cfg.batch] for k in range(0, len(items), cfg.batch)]
@@ -374,7 +378,12 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                 rows.append(row)
             bar.update()
     bar.close()
-    summary = summarize(rows, [m.name for m in all_methods])
+    names = [m.name for m in all_methods]
+    if cfg.ablations:  # the library's rows again, on the ablation scenes only: their baseline
+        names.insert(len([m for m in all_methods if m.group == "method"]), ABLATION_BASELINE)
+        base = [dict(r, method=ABLATION_BASELINE, group="ablation", sweep_inner_steps=cfg.inner_steps)
+                for r in rows if r["method"] == LIBRARY and r["seed"] in ablation_seeds]  # fmt: skip
+    summary = summarize(rows + (base if cfg.ablations else []), names)
     return {
         "config": dataclasses.asdict(cfg),
         "context": _context(pipe),

@@ -23,10 +23,11 @@ Two update rules (:attr:`FastSettings.update_rule`):
 
 Optionally (:attr:`FastSettings.warmup_steps`), a *parallel-over-timesteps* warm-up first optimizes
 every ∅_t at its pivot z*_t, all timesteps of an image in one batch, and the sequential pass starts
-each ∅_t from there instead of from ∅_{t+1}. It is off by default: measured on an interim checkpoint
-of the embedded model it made things worse (a ∅_t fitted at z*_t does not carry the correction for
-the drift z̄_t - z*_t that the chained ∅_{t+1} carries, so the sequential pass then needed its full
-inner-step budget at every step, and reconstructed about 1 dB worse).
+each ∅_t from there instead of from ∅_{t+1}. It is off by default: measured on the embedded model
+(``python -m nti_utils.bench``, ablation "ours + timestep warm-up") it costs more and reconstructs
+worse. A ∅_t fitted at z*_t does not carry the correction for the drift z̄_t - z*_t that the chained
+∅_{t+1} carries, so the sequential pass then needs its full inner-step budget at every step and
+still ends further from the pivots.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import torch
 
 from nti_utils import bench
 from nti_utils.bench_report import COLUMNS
+from nti_utils.inversion import frozen
 from nti_utils.measure import measure
 from nti_utils.testing import tiny_pipeline
 
@@ -36,6 +37,7 @@ def test_outputs_are_written(quick):
         assert tuple(reader.fieldnames) == COLUMNS
         names = [row["method"] for row in reader]
     assert names[: len(METHODS)] == METHODS
+    assert names[len(METHODS)] == bench.ABLATION_BASELINE  # the library on the ablation scenes
     assert any(n.startswith("ablation: ") for n in names)
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["scenes"] == 3 and saved["context"]["resolution"] == 32
@@ -80,20 +82,28 @@ def test_per_scene_rows(quick):
     assert {r["edit_kind"] for r in rows} == {"shape", "color", "background"}
     ablations = [r for r in rows if r["group"] == "ablation"]
     assert ablations and {r["seed"] for r in ablations} == {rows[0]["seed"]}  # first scene only
+    baseline = next(r for r in results["summary"] if r["method"] == bench.ABLATION_BASELINE)
+    first_library = next(r for r in rows if r["method"] == bench.LIBRARY)
+    assert baseline["n"] == 1 and baseline["psnr"] == first_library["psnr"]
+    assert baseline["sweep_inner_steps"] == results["config"]["inner_steps"]
 
 
 def test_measure_counts_unet_rows(tiny_pipe):
     unet = tiny_pipe.unet
     z, emb = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 32, requires_grad=True)
-    with measure(unet) as m:
+    with measure(unet) as m, frozen(unet):  # frozen: the shared pipeline gets no weight grads
         with torch.no_grad():
             unet(z, 10, encoder_hidden_states=emb)
         unet(z[:1], 10, encoder_hidden_states=emb[:1]).sample.sum().backward()
     assert (m.forward_rows, m.backward_rows) == (3, 1)
     assert m.wall_s > 0 and m.cpu_s > 0 and m.memory_kind.startswith("CPU")
-    with measure(unet) as m2:
+    with measure(unet) as m2, torch.no_grad():
         unet(z, 10, encoder_hidden_states=emb)
-    assert m2.forward_rows == 2 and m2.backward_rows == 0  # hooks removed after the block
+    assert m2.forward_rows == 2 and m2.backward_rows == 0
+    with torch.no_grad():
+        unet(z[:1], 10, encoder_hidden_states=emb[:1])
+    assert m2.forward_rows == 2  # hooks removed after the block
+    assert all(p.grad is None for p in unet.parameters())
 
 
 def test_config_is_validated():
