@@ -60,7 +60,11 @@ def test_edits_change_only_what_they_say():
     touched = masks[0] | swapped.masks(min_coverage=0.01)[0] | scene.masks(min_coverage=0.01)[0]
     assert not changed[~touched].any()
     region = edit_region(scene, swapped)
-    assert changed[~region].sum() == 0 and region.sum() < changed.sum() + 4 * 64
+    assert changed[~region].sum() == 0 and not region[masks[1]].any()
+    # the redrawn object's whole area may change, also where circle and triangle overlap
+    kept = masks[0] & swapped.masks()[0] & ~changed  # inside both shapes: same color
+    assert kept.sum() > 100 and region[kept].all()
+    assert region.sum() < touched.sum() + 4 * 64
     assert swapped.caption() == "a red triangle and a blue square on a white background"
     assert scene.with_background("black").caption().endswith("on a black background")
     assert scene.remove_object(0).caption() == "a blue square on a white background"
@@ -123,9 +127,13 @@ def test_training_runs_end_to_end_and_resumes(tmp_path):
     log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
     assert torch.load(tmp_path / "w" / "state.pt", weights_only=False)["step"] == 3
     assert any(row.get("phase") == "unet" for row in log)
-    # continue from the exported folder in a fresh workdir: the VAE is kept as it was
-    train.main([*args[:1], str(tmp_path / "w2"), *args[2:], "--init-from", str(tmp_path / "out")])
+    # continue from the exported folder in a fresh workdir, with cross-attention supervision
+    w2 = [*args[:1], str(tmp_path / "w2"), *args[2:]]
+    train.main([*w2, "--init-from", str(tmp_path / "out"), "--attn-weight", "0.5"])
     state = torch.load(tmp_path / "w2" / "state.pt", weights_only=False)
     assert state["phase"] == "done" and state["step"] == 2
-    for k, v in pipe.vae.state_dict().items():
+    rows = [json.loads(line) for line in open(tmp_path / "w2" / "log.jsonl")]
+    assert "attention_inside" in [r for r in rows if "eval" in r][-1]["eval"]
+    assert (tmp_path / "w2" / "attn_targets.npz").exists()
+    for k, v in pipe.vae.state_dict().items():  # the VAE is kept as it was
         assert torch.equal(state["vae"][k], v)

@@ -11,7 +11,13 @@ checkpoint is gone:
    ``scaling_factor`` to 1 / std of the latents so the UNet sees unit-variance latents, as in SD.
 3. **UNet + text encoder** jointly: epsilon prediction with SD's noise schedule, min-SNR loss
    weighting (Hang et al. 2023, gamma = 5), ~10% captions dropped to "" so that classifier-free
-   guidance works, AdamW with warm-up and cosine decay, EMA weights (exported).
+   guidance works, AdamW with warm-up and cosine decay, EMA weights (exported). With
+   ``--attn-weight`` > 0 a cross-attention supervision term from the renderer's masks is added
+   (:mod:`nti_utils.shapes.attn_loss`): without it the maps stay near-uniform.
+
+The committed model took two runs (see its model card): this recipe from scratch with the defaults,
+then ``--init-from`` that model with ``--unet-steps 1500 --unet-lr 3e-4 --warmup 100
+--attn-weight 0.02``.
 
 The result is saved as a standard diffusers `StableDiffusionPipeline` folder (safetensors).
 """
@@ -19,6 +25,7 @@ The result is saved as a standard diffusers `StableDiffusionPipeline` folder (sa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -35,8 +42,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from nti_utils.align import word_token_indices
+from nti_utils.attention import AttentionStore, controlled_attention, default_map_resolution
 from nti_utils.models import sd_ddim_scheduler
-from nti_utils.shapes.score import score_caption
+from nti_utils.sampling import generate
+from nti_utils.shapes.attn_loss import AttentionSupervision, attention_mass_inside, build_targets
+from nti_utils.shapes.score import analyze, score_caption
 from nti_utils.shapes.tokenizer import build_tokenizer
 from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, make_caption, scene_from_seed
 
@@ -79,6 +90,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     p_uncond: float = 0.1
+    attn_weight: float = 0.0
     sample_every: int = 500
     ckpt_every: int = 100
     seed: int = 0
@@ -201,6 +213,9 @@ class Trainer:
         else:
             self.images, self.captions = render_dataset(range(tcfg.n_train), tcfg.p_two)
             np.savez(data, images=self.images, captions=np.array(self.captions))
+        self.attn_tokens = self.attn_regions = None
+        if tcfg.attn_weight > 0:
+            self._load_attention_targets()
         self.held_out, _ = render_dataset(
             range(HELD_OUT_SEED, HELD_OUT_SEED + tcfg.n_held_out), tcfg.p_two
         )
@@ -221,6 +236,22 @@ class Trainer:
         self.fixed_scale = True
         self.phase, self.step = "cache", 0
         print(f"initialized from {folder}: VAE kept, UNet phase continues from its weights")
+
+    def _load_attention_targets(self) -> None:
+        """Token positions and mask regions of every training caption (cached in the workdir)."""
+        path = self.workdir / "attn_targets.npz"
+        if path.exists():
+            z = np.load(path, allow_pickle=False)
+            tokens, regions = z["tokens"], z["regions"]
+        else:
+            n_objects = [c.count(" and ") + 1 for c in self.captions]
+            size = self.mcfg.resolution // 2 ** (len(self.mcfg.vae_channels) - 1)
+            tokens, regions = build_targets(
+                range(len(self.captions)), n_objects, self.tokenizer, size
+            )
+            np.savez(path, tokens=tokens, regions=regions)
+        self.attn_tokens = torch.from_numpy(tokens)
+        self.attn_regions = torch.from_numpy(regions)
 
     # ------------------------------------------------------------------------- checkpoints
     def _state_path(self) -> Path:
@@ -338,37 +369,50 @@ class Trainer:
         snr = alphas / (1 - alphas)
         params = [*self.unet.parameters(), *self.text_encoder.parameters()]
         ema_params = [*self.ema_unet.parameters(), *self.ema_text.parameters()]
+        supervise = t.attn_weight > 0  # cross-attention supervision (see shapes.attn_loss)
+        ctx = controlled_attention(self.unet, AttentionSupervision()) if supervise else None
         bar = tqdm(total=t.unet_steps, initial=self.step, desc="UNet")
-        while self.step < t.unet_steps:
-            for g in self.opt.param_groups:
-                g["lr"] = lr_at(self.step, t.unet_steps, t.unet_lr, t.warmup, t.min_lr_ratio)
-            idx = self.rng.integers(0, len(self.latents), t.unet_batch)
-            drop = self.rng.random(t.unet_batch) < t.p_uncond
-            caps = ["" if d else self.captions[i] for i, d in zip(idx, drop)]
-            z0 = self.latents[idx]
-            noise = torch.randn_like(z0)
-            ts = torch.randint(0, self.scheduler.config.num_train_timesteps, (t.unet_batch,))
-            zt = self.scheduler.add_noise(z0, noise, ts)
-            pred = self.unet(zt, ts, self._embed(self.text_encoder, caps)).sample
-            # min-SNR-gamma weighting for epsilon prediction: w = min(SNR, gamma) / SNR
-            w = torch.clamp(snr[ts], max=t.snr_gamma) / snr[ts]
-            loss = (w * (pred - noise).pow(2).flatten(1).mean(1)).mean()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            self.opt.step()
-            decay = min(t.ema_decay, (1 + self.step) / (10 + self.step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, params, 1 - decay)
-            self.step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if self.step % 25 == 0:
-                self._record(loss=loss.item())
-            if self.step % t.ckpt_every == 0 or self.step == t.unet_steps:
-                self.save()
-            if self.step % t.sample_every == 0 or self.step == t.unet_steps:
-                self.quick_eval(bar)
+        with ctx or contextlib.nullcontext() as sup:
+            while self.step < t.unet_steps:
+                for g in self.opt.param_groups:
+                    g["lr"] = lr_at(self.step, t.unet_steps, t.unet_lr, t.warmup, t.min_lr_ratio)
+                idx = self.rng.integers(0, len(self.latents), t.unet_batch)
+                drop = self.rng.random(t.unet_batch) < t.p_uncond
+                caps = ["" if d else self.captions[i] for i, d in zip(idx, drop)]
+                z0 = self.latents[idx]
+                noise = torch.randn_like(z0)
+                ts = torch.randint(0, self.scheduler.config.num_train_timesteps, (t.unet_batch,))
+                zt = self.scheduler.add_noise(z0, noise, ts)
+                if sup is not None:
+                    sup.begin(t.unet_batch, tuple(z0.shape[-2:]))
+                pred = self.unet(zt, ts, self._embed(self.text_encoder, caps)).sample
+                # min-SNR-gamma weighting for epsilon prediction: w = min(SNR, gamma) / SNR
+                w = torch.clamp(snr[ts], max=t.snr_gamma) / snr[ts]
+                eps_loss = (w * (pred - noise).pow(2).flatten(1).mean(1)).mean()
+                loss, stats = eps_loss, {}
+                if sup is not None:
+                    tokens = self.attn_tokens[idx].clone()
+                    tokens[torch.from_numpy(drop)] = -1  # captions dropped to "" name nothing
+                    attn_loss, stats = sup.loss(tokens, self.attn_regions[idx])
+                    loss = eps_loss + t.attn_weight * attn_loss
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                self.opt.step()
+                decay = min(t.ema_decay, (1 + self.step) / (10 + self.step))
+                with torch.no_grad():
+                    torch._foreach_lerp_(ema_params, params, 1 - decay)
+                self.step += 1
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{eps_loss.item():.4f}", **{k: f"{v:.3f}" for k, v in stats.items()}
+                )
+                if self.step % 25 == 0:
+                    self._record(loss=eps_loss.item(), **stats)
+                if self.step % t.ckpt_every == 0 or self.step == t.unet_steps:
+                    self.save()
+                if self.step % t.sample_every == 0 or self.step == t.unet_steps:
+                    self.quick_eval(bar)
         bar.close()
         self.phase = "done"
         self.save()
@@ -387,29 +431,31 @@ class Trainer:
         )
 
     def quick_eval(self, bar: tqdm, guidance: float = 5.0) -> None:
-        """Sample the 45 single-object prompts (25 DDIM steps), score them, save a grid."""
+        """Sample the 45 single-object prompts (25 DDIM steps), score them and the shape word's
+        cross-attention mass inside the object (at the resolution P2P reads), save a grid."""
         pipe = self.pipeline()
-        pipe.set_progress_bar_config(disable=True)
         prompts = single_object_prompts()
+        store = AttentionStore()
         with torch.no_grad():
-            images = pipe(
-                prompts,
-                num_inference_steps=25,
-                guidance_scale=guidance,
-                output_type="np",
-                generator=torch.Generator().manual_seed(0),
-                height=64,
-                width=64,
-            ).images
+            images = generate(pipe, prompts, 25, guidance, torch.Generator().manual_seed(0),
+                              controller=store, progress=False).images  # fmt: skip
+        maps = store.maps(default_map_resolution(pipe.unet))
         scores = [score_caption(im, p) for im, p in zip(images, prompts)]
+        inside = []
+        for j, (im, prompt) in enumerate(zip(images, prompts)):
+            found = analyze(im).objects
+            if len(found) == 1:
+                tok = word_token_indices(pipe.tokenizer, prompt, prompt.split()[2])
+                inside.append(attention_mass_inside(maps[j], tok, found[0].mask))
         row = {
             "background": float(np.mean([s.background for s in scores])),
             "color": float(np.mean([s.colors[0] for s in scores])),
             "shape": float(np.mean([s.shapes[0] for s in scores])),
+            "attention_inside": float(np.mean(inside)) if inside else float("nan"),
         }
         self._record(eval=row, guidance=guidance)
         bar.write(f"UNet step {self.step}: adherence {row}")
-        grid = (images * 255).round().astype(np.uint8).reshape(5, 9, 64, 64, 3)
+        grid = np.stack([np.asarray(im) for im in images]).reshape(5, 9, 64, 64, 3)
         grid = grid.transpose(0, 2, 1, 3, 4).reshape(5 * 64, 9 * 64, 3)
         (self.workdir / "samples").mkdir(exist_ok=True)
         Image.fromarray(grid).save(self.workdir / "samples" / f"step_{self.step:06d}.png")
@@ -440,7 +486,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     defaults = TrainConfig()
     cli_fields = ("n_train", "n_held_out", "vae_steps", "unet_steps", "vae_batch", "unet_batch",
-                  "sample_every", "ckpt_every", "unet_lr")  # fmt: skip
+                  "sample_every", "ckpt_every", "unet_lr", "warmup", "attn_weight")  # fmt: skip
     for field in cli_fields:
         value = getattr(defaults, field)
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)

@@ -164,11 +164,19 @@ class Scene:
 def edit_region(source: Scene, target: Scene, grow: int = 1) -> np.ndarray:
     """Where an edit from `source` to `target` is allowed to change pixels: bool (H, W).
 
-    The pixels whose rendered colors differ, grown by `grow` pixels (a square neighbourhood) so that
-    anti-aliased fringes count as inside. Everything outside should stay as it was.
+    The pixels whose rendered colors differ, plus the whole area, before and after, of every object
+    the edit changes: a redrawn object (a circle turned into a square) need not keep the old outline
+    where the two shapes overlap, only the rest of the image (the background and the other objects)
+    must stay. Grown by `grow` pixels (a square neighbourhood) so that anti-aliased fringes count
+    as inside. Everything outside should stay as it was.
     """
     a, b = np.asarray(source.render()), np.asarray(target.render())
     region = (a != b).any(-1)
+    if len(source.objects) == len(target.objects):
+        before, after = source.masks(min_coverage=0.01), target.masks(min_coverage=0.01)
+        for i, (old, new) in enumerate(zip(source.objects, target.objects)):
+            if old != new:
+                region |= before[i] | after[i]
     for _ in range(grow):
         padded = np.pad(region, 1)
         region = np.zeros_like(region)
