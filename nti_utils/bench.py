@@ -7,9 +7,10 @@ edit region. On the same images, model and DDIM steps, each inversion method is 
 * reconstruction: PSNR and SSIM against the input, and the gap to the VAE bound (the round trip);
 * cost: wall and CPU seconds, UNet evaluations (latent rows through the UNet, forward and backward),
   peak memory (CUDA: allocated; CPU: process RSS, sampled);
-* editability: Prompt-to-Prompt (``Replace``, cross 0.8, self 0.4, a ``LocalBlend`` on the shape word
-  for shape and color edits) from the inversion, scored by the renderer's scorer (success rate),
-  PSNR against the target render, and PSNR against the input outside the edit region.
+* editability: Prompt-to-Prompt (``Replace`` with the edit kind's settings,
+  :data:`~nti_utils.shapes.edits.RECIPES`: a ``LocalBlend`` on the shape word for shape and color
+  edits) from the inversion, scored by the renderer's scorer (success rate), PSNR against the target
+  render, and PSNR against the input outside the edit region.
 
 Methods: DDIM inversion reconstructed at w = 1 and at w = 7.5, negative-prompt inversion, null-text
 inversion as a plain reference loop (:func:`reference_null_text_inversion`, the original notebook's),
@@ -60,8 +61,8 @@ from nti_utils.models import (
     model_id,
     scheduler_hash,
 )
-from nti_utils.p2p import LocalBlend, Replace, edit
-from nti_utils.shapes.edits import EDIT_KINDS, EditCase, make_edit, score_edit
+from nti_utils.p2p import edit
+from nti_utils.shapes.edits import EDIT_KINDS, EditCase, edit_controller, make_edit, score_edit
 from nti_utils.shapes.train import HELD_OUT_SEED
 from nti_utils.shapes.world import Scene, scene_from_seed
 
@@ -287,13 +288,9 @@ def bench_scene(i: int, cfg: BenchConfig, resolution: int) -> BenchScene:
 
 
 def run_edit(pipe, result: InversionResult, case: EditCase, guidance: float | None, steps: int):
-    """Prompt-to-Prompt word swap from an inversion; returns the edited image."""
-    tok = pipe.tokenizer
-    blend = None
-    if case.kind != "background":
-        blend = LocalBlend(case.blend_words, tok, case.prompts)
-    ctrl = Replace(tok, case.prompts, steps, cross_replace_steps=0.8, self_replace_steps=0.4,
-                   local_blend=blend)  # fmt: skip
+    """Prompt-to-Prompt word swap from an inversion (the case kind's
+    :data:`~nti_utils.shapes.edits.RECIPES`); returns the edited image."""
+    ctrl = edit_controller(case, pipe, steps)
     out = edit(pipe, result, case.prompts, ctrl, guidance_scale=guidance, progress=False)
     return out.images[1]
 
@@ -347,11 +344,14 @@ def evaluate(pipe, method: Method, items: list[BenchScene], cfg: BenchConfig) ->
     return rows
 
 
-def run(cfg: BenchConfig, progress: bool = True) -> dict:
+def run(cfg: BenchConfig, progress: bool = True,
+        on_batch: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
     """Run the benchmark; returns per-scene rows, the summary table and the run's context.
 
     Scenes are taken in batches of `cfg.batch`; within a batch every method runs in turn (so slow
     drifts of the machine's speed hit all methods alike), per image or, for ours, on the batch.
+    `on_batch`, if given, gets the results so far after every batch (the command line writes them,
+    so that an interrupted run leaves its finished batches behind).
     """
     torch.manual_seed(0)
     dev = torch.device(cfg.device) if cfg.device else default_device()
@@ -361,7 +361,6 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
     res = model_resolution(pipe)
     all_methods = methods(cfg, device_type)
     items = [bench_scene(i, cfg, res) for i in range(cfg.scenes)]
-    ablation_seeds = {it.seed for it in items if it.index < cfg.ablation_scenes}
     _warm_up(pipe, items[: min(2, len(items))])
     rows = []
     batches = [items[k : k + cfg.batch] for k in range(0, len(items), cfg.batch)]
@@ -377,17 +376,26 @@ def run(cfg: BenchConfig, progress: bool = True) -> dict:
                 row["gap_to_vae"] = row["vae_bound"] - row["psnr"]
                 rows.append(row)
             bar.update()
+        if on_batch is not None and batch is not batches[-1]:
+            on_batch(_results(cfg, pipe, all_methods, rows))
     bar.close()
+    return _results(cfg, pipe, all_methods, rows)
+
+
+def _results(cfg: BenchConfig, pipe, all_methods: list[Method], rows: list[dict]) -> dict:
+    """Summary, performance target and context of the per-scene `rows` measured so far."""
     names = [m.name for m in all_methods]
+    base = []
     if cfg.ablations:  # the library's rows again, on the ablation scenes only: their baseline
         names.insert(len([m for m in all_methods if m.group == "method"]), ABLATION_BASELINE)
+        ablation_seeds = {r["seed"] for r in rows if r["group"] == "ablation"}
         base = [dict(r, method=ABLATION_BASELINE, group="ablation", sweep_inner_steps=cfg.inner_steps)
                 for r in rows if r["method"] == LIBRARY and r["seed"] in ablation_seeds]  # fmt: skip
-    summary = summarize(rows + (base if cfg.ablations else []), names)
+    summary = summarize(rows + base, names)
     return {
         "config": dataclasses.asdict(cfg),
         "context": _context(pipe),
-        "memory_kind": CUDA_MEMORY_KIND if device_type == "cuda" else CPU_MEMORY_KIND,
+        "memory_kind": CUDA_MEMORY_KIND if pipe.unet.device.type == "cuda" else CPU_MEMORY_KIND,
         "summary": summary,
         "target": _target(summary),
         "per_scene": rows,
@@ -460,7 +468,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.inner_sweep is not None:
         given["inner_sweep"] = tuple(int(k) for k in a.inner_sweep.split(","))
     cfg = BenchConfig(**{**(QUICK if a.quick else {}), **given, "ablations": not a.no_ablations})
-    results = run(cfg, progress=not a.no_progress)
+    results = run(cfg, progress=not a.no_progress,
+                  on_batch=lambda partial: write_outputs(partial, a.out))  # fmt: skip
     table = write_outputs(results, a.out)
     print(table)
     return results

@@ -9,12 +9,14 @@ from diffusers import StableDiffusionPipeline
 from nti_utils.attention import cross_attention_resolutions, default_map_resolution
 from nti_utils.inversion import InversionSettings, null_text_inversion
 from nti_utils.models import TOY_MODEL_DIR, load_pipeline
-from nti_utils.p2p import LocalBlend, Replace, edit
-from nti_utils.shapes.edits import make_edit, score_edit
+from nti_utils.p2p import edit
+from nti_utils.shapes.edits import edit_controller, make_edit, score_edit
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.world import scene_from_seed
 
 PROMPT = "a red circle on a white background"
+PROMPTS = [PROMPT, "a blue square on a gray background", "a yellow triangle on a black background",
+           "a green circle on a white background"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +24,16 @@ def toy():
     return load_pipeline("toy", device="cpu")
 
 
-def test_plain_diffusers_loads_and_samples_the_prompt():
+def test_plain_diffusers_loads_and_samples_the_prompts():
     pipe = StableDiffusionPipeline.from_pretrained(TOY_MODEL_DIR)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(PROMPT, num_inference_steps=25, guidance_scale=7.5, height=64, width=64,
-                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
-    assert score_caption(image, PROMPT).all
+    images = pipe(PROMPTS, num_inference_steps=25, guidance_scale=7.5, height=64, width=64,
+                  generator=torch.Generator().manual_seed(0)).images  # fmt: skip
+    scores = [score_caption(im, p) for im, p in zip(images, PROMPTS)]
+    # background, color and shape right in every sample; the model card measures 0.92 of samples
+    # with exactly one object found (a stray blob sometimes appears), so allow one miss there
+    assert all(s.background and all(s.colors) and all(s.shapes) for s in scores), scores
+    assert sum(s.count for s in scores) >= len(PROMPTS) - 1, scores
 
 
 def test_folder_is_small_and_safetensors_only():
@@ -54,17 +60,15 @@ def _inversion(pipe, scene, steps=50):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="known defect of the committed model (model card): its cross-attention is near uniform, "
-    "so the swap changes the shape but does not keep the background at >= 25 dB (20.0 dB here)",
+    reason="open (issue 4): shape swaps on the embedded model change the shape (0.75 of 20 held-out "
+    "scenes) but keep the background at >= 25 dB in only 0.45 (0.35 both); on this scene the shape "
+    "changes and the background is at 22.3 dB (a halo around the redrawn object)",
 )
 def test_shape_swap_on_an_inverted_render_keeps_the_background(toy):
     scene = scene_from_seed(10_000_101, n_objects=1)
     case = make_edit(scene, "shape", np.random.default_rng(0))
     inv = _inversion(toy, scene)
-    blend = LocalBlend(case.blend_words, toy.tokenizer, case.prompts)
-    ctrl = Replace(toy.tokenizer, case.prompts, 50, cross_replace_steps=0.8, self_replace_steps=0.4,
-                   local_blend=blend)  # fmt: skip
-    out = edit(toy, inv, case.prompts, ctrl, progress=False)
+    out = edit(toy, inv, case.prompts, edit_controller(case, toy, 50), progress=False)
     score = score_edit(case, out.images[1], scene.render())
     assert score.success, case.prompts
     assert score.psnr_outside >= 25.0

@@ -12,8 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
+from nti_utils.attention import cross_attention_resolutions
 from nti_utils.metrics import psnr
+from nti_utils.p2p import LocalBlend, Replace
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, Scene, edit_region
 
@@ -71,6 +74,63 @@ def make_edit(scene: Scene, kind: str, rng: np.random.Generator) -> EditCase:
     else:
         raise ValueError(f"unknown edit kind {kind!r}; choose one of {EDIT_KINDS}")
     return EditCase(kind, scene, target, old, new, edit_region(scene, target))
+
+
+@dataclass(frozen=True)
+class EditRecipe:
+    """Prompt-to-Prompt settings for one kind of edit (a :class:`~nti_utils.p2p.Replace`).
+
+    Attributes:
+        cross_replace_steps (`float`): fraction of the steps in which the target takes the
+            source's cross-attention maps.
+        self_replace_steps (`float`): same for self-attention.
+        blend (`bool`): add a :class:`~nti_utils.p2p.LocalBlend` on the edited object's shape word.
+        blend_threshold (`float`, defaults to 0.3): its threshold.
+        blend_finest (`bool`, defaults to `False`): build its mask from the finest cross-attention
+            maps (the latent's own size) instead of Prompt-to-Prompt's default resolution.
+    """
+
+    cross_replace_steps: float
+    self_replace_steps: float
+    blend: bool
+    blend_threshold: float = 0.3
+    blend_finest: bool = False
+
+
+RECIPES: dict[str, EditRecipe] = {
+    # a new outline needs the new word's own maps for most steps; an 8x8 mask leaves it room
+    "shape": EditRecipe(0.4, 0.2, blend=True),
+    # same outline, new color: long injection, and a tight mask keeps the background
+    "color": EditRecipe(0.8, 0.4, blend=True, blend_finest=True),
+    # a global edit: no mask; the injected attention keeps the object in place
+    "background": EditRecipe(0.8, 0.4, blend=False),
+}
+"""The embedded model's settings per edit kind, chosen on held-out scenes (benchmark scenes and
+the notebooks' scene excluded); what they give is measured by ``python -m nti_utils.bench``."""
+
+
+def edit_controller(
+    case: EditCase, pipe, num_steps: int, recipe: EditRecipe | None = None
+) -> Replace:
+    """The Prompt-to-Prompt controller for `case`: a :class:`~nti_utils.p2p.Replace` with the
+    case kind's :data:`RECIPES` entry (or `recipe`).
+
+    Args:
+        case (`EditCase`): the edit.
+        pipe: the pipeline (its tokenizer, and its UNet for the finest map resolution).
+        num_steps (`int`): DDIM steps of the inversion to edit.
+        recipe (`EditRecipe`, *optional*): overrides the kind's recipe.
+    """
+    r = recipe or RECIPES[case.kind]
+    tok: PreTrainedTokenizerBase = pipe.tokenizer
+    blend = None
+    if r.blend and case.kind != "background":
+        res = cross_attention_resolutions(pipe.unet)
+        finest = max(res["down"] + res["up"]) if r.blend_finest else None
+        blend = LocalBlend(case.blend_words, tok, case.prompts, threshold=r.blend_threshold,
+                           resolution=finest)  # fmt: skip
+    return Replace(tok, case.prompts, num_steps, cross_replace_steps=r.cross_replace_steps,
+                   self_replace_steps=r.self_replace_steps, local_blend=blend)  # fmt: skip
 
 
 @dataclass(frozen=True)

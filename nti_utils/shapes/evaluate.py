@@ -3,7 +3,8 @@
 Prints a table and writes the numbers as JSON (``--out``). What is measured, on held-out scenes
 (numbered from :data:`~nti_utils.shapes.train.HELD_OUT_SEED`, never trained on):
 
-1. VAE round-trip PSNR on rendered images (the paper's "VAE upper bound").
+1. VAE round-trip PSNR on rendered images (the paper's "VAE upper bound"), and how local its
+   latents are (:func:`latent_locality`).
 2. Prompt adherence of DDIM samples (50 steps) at the default guidance, scored by
    :mod:`nti_utils.shapes.score`: every single-object prompt with several seeds, and two-object
    prompts.
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from nti_utils.align import word_token_indices
@@ -33,10 +35,10 @@ from nti_utils.images import decode, encode, pil_to_tensor
 from nti_utils.inversion import InversionSettings, null_text_inversion
 from nti_utils.metrics import psnr
 from nti_utils.models import embed_prompts, load_pipeline
-from nti_utils.p2p import LocalBlend, Replace, edit
+from nti_utils.p2p import edit
 from nti_utils.sampling import generate
 from nti_utils.shapes.attn_loss import attention_mass_inside
-from nti_utils.shapes.edits import make_edit, score_edit
+from nti_utils.shapes.edits import edit_controller, make_edit, score_edit
 from nti_utils.shapes.score import analyze, score_caption
 from nti_utils.shapes.train import HELD_OUT_SEED, single_object_prompts
 from nti_utils.shapes.world import parse_caption, scene_from_seed
@@ -53,6 +55,24 @@ def vae_psnr(pipe, n: int = 200, batch: int = 50) -> float:
         rec = decode(pipe.vae, encode(pipe.vae, pil_to_tensor(imgs)))
         vals += [psnr(im, r) for im, r in zip(imgs, rec)]
     return float(np.mean(vals))
+
+
+def latent_locality(pipe, n: int = 30) -> float:
+    """How local the VAE's latents are: the mean |z_source - z_target| over background latent pixels
+    far (>= 4 latent pixels) from the object, when only the object's color changes, over `n`
+    held-out scenes. 0 for a perfectly local encoder; LocalBlend (which keeps the source's latents
+    outside a mask) relies on it being small compared with the latents' own size (mean |z|)."""
+    diffs = []
+    for i in range(n):
+        scene = scene_from_seed(HELD_OUT_SEED + 4000 + i, n_objects=1)
+        case = make_edit(scene, "color", np.random.default_rng(i))
+        z = encode(pipe.vae, pil_to_tensor([scene.render(), case.target.render()]))
+        region = torch.from_numpy(case.region)[None, None].float()
+        factor = region.shape[-1] // z.shape[-1]
+        near = F.max_pool2d(region, 2 * 4 * factor + 1, stride=factor, padding=4 * factor)
+        far = near[0, 0] == 0
+        diffs.append(float((z[0] - z[1]).abs().mean(0)[far].mean()))
+    return float(np.mean(diffs))
 
 
 def adherence(pipe, prompts, guidance, seed, steps, batch, progress=True):
@@ -102,9 +122,9 @@ def inversion_story(pipe, guidance, n=20, steps=50, progress=True):
 def shape_swaps(pipe, n: int = 20, steps: int = 50, guidance: float = DEFAULT_GUIDANCE,
                 progress: bool = True) -> dict:  # fmt: skip
     """Prompt-to-Prompt word swap of the shape word on `n` null-text-inverted held-out renders
-    (Replace, cross 0.4, self 0.2, LocalBlend on the shape words; a shape change needs the new
-    word's own maps for the later steps): success rate of the intended shape change and mean PSNR
-    outside the edit region against the input."""
+    (:func:`~nti_utils.shapes.edits.edit_controller`: Replace with a LocalBlend on the shape words):
+    success rate of the intended shape change and mean PSNR outside the edit region against the
+    input."""
     settings = InversionSettings(num_steps=steps, guidance_scale=guidance)
     rng = np.random.default_rng(0)
     rows = []
@@ -112,10 +132,7 @@ def shape_swaps(pipe, n: int = 20, steps: int = 50, guidance: float = DEFAULT_GU
         scene = scene_from_seed(HELD_OUT_SEED + 2000 + i, n_objects=1)
         case = make_edit(scene, "shape", rng)
         inv = null_text_inversion(pipe, scene.render(), scene.caption(), settings, progress=False)
-        blend = LocalBlend(case.blend_words, pipe.tokenizer, case.prompts)
-        ctrl = Replace(pipe.tokenizer, case.prompts, steps, cross_replace_steps=0.4,
-                       self_replace_steps=0.2, local_blend=blend)  # fmt: skip
-        out = edit(pipe, inv, case.prompts, ctrl, progress=False)
+        out = edit(pipe, inv, case.prompts, edit_controller(case, pipe, steps), progress=False)
         sc = score_edit(case, out.images[1], scene.render())
         rows.append((sc.success, sc.psnr_outside, sc.psnr_outside >= 25.0))
     return {
@@ -147,6 +164,7 @@ def evaluate(model="toy", guidance=DEFAULT_GUIDANCE, seeds=3, n_two=60, steps=50
         "guidance": guidance,
         "steps": steps,
         "vae_psnr_200": vae_psnr(pipe),
+        "latent_locality": latent_locality(pipe),
         "single": {k: rate(rows1, k) for k in ("background", "color", "shape", "count")}
         | {"n": len(rows1)},
         "two": {k: rate(rows2, k) for k in ("background", "color", "shape", "count")}
@@ -166,6 +184,7 @@ def format_table(r: dict) -> str:
         f"embedded model evaluation ({r['model']}, {r['steps']} DDIM steps, guidance {w:g})",
         f"{'measure':<52}{'value':>10}{'bar':>10}",
         f"{'VAE round-trip PSNR, 200 held-out renders (dB)':<52}{r['vae_psnr_200']:>10.2f}{'>= 30':>10}",
+        f"{'VAE latent change far from a recolored object':<52}{r['latent_locality']:>10.3f}{'':>10}",
         f"{'single-object samples (n=' + str(s['n']) + '): background right':<52}{s['background']:>10.3f}{'>= 0.90':>10}",
         f"{'  object color right':<52}{s['color']:>10.3f}{'>= 0.90':>10}",
         f"{'  shape right':<52}{s['shape']:>10.3f}{'>= 0.80':>10}",
