@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nti_utils.shapes.edits import EDIT_KINDS, make_edit, score_edit
+from nti_utils.attention import cross_attention_resolutions
+from nti_utils.shapes.edits import (
+    EDIT_KINDS,
+    RECIPES,
+    EditRecipe,
+    edit_controller,
+    make_edit,
+    score_edit,
+)
 from nti_utils.shapes.world import scene_from_seed
 from nti_utils.widgets import AblationPanel
 
@@ -43,3 +51,25 @@ def test_panel_runs_on_click_and_reacts_to_controls(tiny_pipe):
     panel.run_button.click()
     assert len(panel._inversions) == 2  # editing settings reuse the cached inversion
     assert "psnr_reconstruction" in panel.metrics.value
+
+
+def test_edit_controller_follows_the_kinds_recipe(tiny_pipe, small_scene):
+    res = cross_attention_resolutions(tiny_pipe.unet)
+    finest = max(res["down"] + res["up"])
+    rng = np.random.default_rng(0)
+    for kind in EDIT_KINDS:
+        case = make_edit(small_scene, kind, rng)
+        recipe = RECIPES[kind]
+        ctrl = edit_controller(case, tiny_pipe, 10)
+        # the windows of the recipe, in steps: cross-attention taken for the first k steps
+        taken = ctrl.cross_alphas[:, 0, 1].tolist()
+        assert taken == [1.0] * int(recipe.cross_replace_steps * 10) + [0.0] * (
+            10 - int(recipe.cross_replace_steps * 10)
+        )
+        assert ctrl.self_window == (0, int(recipe.self_replace_steps * 10))
+        assert (ctrl.local_blend is not None) == (recipe.blend and kind != "background")
+        if ctrl.local_blend is not None:
+            assert ctrl.local_blend.resolution == (finest if recipe.blend_finest else None)
+    custom = EditRecipe(1.0, 0.0, blend=False)
+    ctrl = edit_controller(make_edit(small_scene, "shape", rng), tiny_pipe, 10, custom)
+    assert ctrl.local_blend is None and bool(ctrl.cross_alphas[:, 0, 1].all())

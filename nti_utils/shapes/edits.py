@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from transformers import PreTrainedTokenizerBase
 
 from nti_utils.attention import cross_attention_resolutions
 from nti_utils.metrics import psnr
@@ -122,7 +121,7 @@ def edit_controller(
         recipe (`EditRecipe`, *optional*): overrides the kind's recipe.
     """
     r = recipe or RECIPES[case.kind]
-    tok: PreTrainedTokenizerBase = pipe.tokenizer
+    tok = pipe.tokenizer
     blend = None
     if r.blend and case.kind != "background":
         res = cross_attention_resolutions(pipe.unet)
