@@ -36,7 +36,8 @@ from transformers import PreTrainedTokenizerBase
 
 from nti_utils.align import word_token_indices
 from nti_utils.attention import AttentionController, LayerInfo
-from nti_utils.shapes.world import Scene, scene_from_seed
+from nti_utils.shapes.score import analyze
+from nti_utils.shapes.world import Scene, parse_caption, scene_from_seed
 
 SLOTS = ("color 1", "shape 1", "color 2", "shape 2", "background")
 """What each supervised token slot names; missing objects leave their slots at -1."""
@@ -101,6 +102,27 @@ def attention_mass_inside(maps: torch.Tensor, token: list[int], mask: np.ndarray
     m = F.interpolate(m, size=mask.shape, mode="bilinear", align_corners=False)[0, 0].clamp_min(0)
     m = m / m.sum()
     return float(m[torch.from_numpy(mask)].sum())
+
+
+def shape_attention_inside(
+    maps: torch.Tensor, tokenizer: PreTrainedTokenizerBase, prompt: str, image
+) -> float | None:
+    """The quality measure of the model card: for a single-object `prompt` whose `image` shows
+    exactly one object (as :func:`~nti_utils.shapes.score.analyze` reads it), the share of the shape
+    word's cross-attention mass inside that object (:func:`attention_mass_inside`); else None.
+
+    Args:
+        maps: (h, w, K) averaged cross-attention of the prompt.
+        tokenizer: the model's tokenizer.
+        prompt (`str`): a shapes-world caption.
+        image: the sample drawn with those maps.
+    """
+    objects, _ = parse_caption(prompt)
+    found = analyze(image).objects
+    if len(objects) != 1 or len(found) != 1:
+        return None
+    token = word_token_indices(tokenizer, prompt, objects[0][1])
+    return attention_mass_inside(maps, token, found[0].mask)
 
 
 class AttentionSupervision(AttentionController):

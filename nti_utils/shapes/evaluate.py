@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from nti_utils.align import word_token_indices
 from nti_utils.attention import AttentionStore, default_map_resolution
 from nti_utils.ddim import DDIMSchedule, invert, sample
 from nti_utils.images import decode, encode, pil_to_tensor
@@ -37,11 +36,11 @@ from nti_utils.metrics import psnr
 from nti_utils.models import embed_prompts, load_pipeline
 from nti_utils.p2p import edit
 from nti_utils.sampling import generate
-from nti_utils.shapes.attn_loss import attention_mass_inside
+from nti_utils.shapes.attn_loss import shape_attention_inside
 from nti_utils.shapes.edits import edit_controller, make_edit, score_edit
-from nti_utils.shapes.score import analyze, score_caption
+from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.train import HELD_OUT_SEED, single_object_prompts
-from nti_utils.shapes.world import parse_caption, scene_from_seed
+from nti_utils.shapes.world import scene_from_seed
 
 DEFAULT_GUIDANCE = 7.5
 
@@ -92,11 +91,9 @@ def adherence(pipe, prompts, guidance, seed, steps, batch, progress=True):
             s = score_caption(img, prompt)
             row = {"prompt": prompt, "background": s.background, "color": all(s.colors),
                    "shape": all(s.shapes), "count": s.count}  # fmt: skip
-            objects, _ = parse_caption(prompt)
-            found = analyze(img).objects
-            if len(objects) == 1 and len(found) == 1:
-                tok = word_token_indices(pipe.tokenizer, prompt, objects[0][1])
-                row["attention_inside"] = attention_mass_inside(maps[j], tok, found[0].mask)
+            inside = shape_attention_inside(maps[j], pipe.tokenizer, prompt, img)
+            if inside is not None:
+                row["attention_inside"] = inside
             rows.append(row)
     return rows
 

@@ -42,12 +42,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from nti_utils.align import word_token_indices
 from nti_utils.attention import AttentionStore, controlled_attention, default_map_resolution
 from nti_utils.models import sd_ddim_scheduler
 from nti_utils.sampling import generate
-from nti_utils.shapes.attn_loss import AttentionSupervision, attention_mass_inside, build_targets
-from nti_utils.shapes.score import analyze, score_caption
+from nti_utils.shapes.attn_loss import AttentionSupervision, build_targets, shape_attention_inside
+from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.tokenizer import build_tokenizer
 from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, make_caption, scene_from_seed
 
@@ -441,12 +440,9 @@ class Trainer:
                               controller=store, progress=False).images  # fmt: skip
         maps = store.maps(default_map_resolution(pipe.unet))
         scores = [score_caption(im, p) for im, p in zip(images, prompts)]
-        inside = []
-        for j, (im, prompt) in enumerate(zip(images, prompts)):
-            found = analyze(im).objects
-            if len(found) == 1:
-                tok = word_token_indices(pipe.tokenizer, prompt, prompt.split()[2])
-                inside.append(attention_mass_inside(maps[j], tok, found[0].mask))
+        inside = [shape_attention_inside(maps[j], pipe.tokenizer, p, im)
+                  for j, (im, p) in enumerate(zip(images, prompts))]  # fmt: skip
+        inside = [v for v in inside if v is not None]
         row = {
             "background": float(np.mean([s.background for s in scores])),
             "color": float(np.mean([s.colors[0] for s in scores])),
