@@ -85,6 +85,16 @@ def default_map_resolution(unet: UNet2DConditionModel) -> int:
     return min(levels)
 
 
+def finest_map_resolution(unet: UNet2DConditionModel) -> int:
+    """The finest cross-attention level (64 for SD 1.x, 16 for the embedded model: its latent's
+    own size)."""
+    res = cross_attention_resolutions(unet)
+    levels = res["down"] + res["mid"] + res["up"]
+    if not levels:
+        raise ValueError("this UNet has no cross-attention layers")
+    return max(levels)
+
+
 class AttentionController:
     """Base controller: sees attention probabilities and returns those to use (here, unchanged).
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import platform
 import time
 from collections.abc import Callable
@@ -345,13 +346,18 @@ def evaluate(pipe, method: Method, items: list[BenchScene], cfg: BenchConfig) ->
 
 
 def run(cfg: BenchConfig, progress: bool = True,
-        on_batch: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+        on_batch: Callable[[dict], None] | None = None, resume: dict | None = None) -> dict:  # fmt: skip
     """Run the benchmark; returns per-scene rows, the summary table and the run's context.
 
     Scenes are taken in batches of `cfg.batch`; within a batch every method runs in turn (so slow
     drifts of the machine's speed hit all methods alike), per image or, for ours, on the batch.
     `on_batch`, if given, gets the results so far after every batch (the command line writes them,
-    so that an interrupted run leaves its finished batches behind).
+    so that an interrupted run leaves its finished batches behind). `resume`: the saved results of
+    an interrupted run of the same configuration and model (:func:`previous_results`); the batches
+    its rows cover completely are kept, not run again.
+
+    Raises:
+        ValueError: `resume` was measured on another model.
     """
     torch.manual_seed(0)
     dev = torch.device(cfg.device) if cfg.device else default_device()
@@ -362,28 +368,41 @@ def run(cfg: BenchConfig, progress: bool = True,
     all_methods = methods(cfg, device_type)
     items = [bench_scene(i, cfg, res) for i in range(cfg.scenes)]
     _warm_up(pipe, items[: min(2, len(items))])
-    rows = []
+    rows: list[dict] = []
     batches = [items[k : k + cfg.batch] for k in range(0, len(items), cfg.batch)]
     bar = tqdm(total=len(batches) * len(all_methods), desc="benchmark", disable=not progress)
+    done = resume["per_scene"] if resume else []
+    if resume and resume["context"]["model_fingerprint"] != model_fingerprint(pipe):
+        raise ValueError("--resume: the saved run used other model weights; pass --overwrite")
+    have = {(r["method"], r["seed"]) for r in done}
+    earlier = (
+        [*resume["context"].get("resumed_from", []), resume["context"]["date"]] if resume else []
+    )
     for batch in batches:
+        plan = [(m, [it for it in batch if m.group == "method" or it.index < cfg.ablation_scenes])
+                for m in all_methods]  # fmt: skip
+        if all((m.name, it.seed) in have for m, mine in plan for it in mine):
+            seeds = {it.seed for it in batch}
+            rows += [r for r in done if r["seed"] in seeds]
+            bar.update(len(all_methods))
+            continue
         vae = {it.seed: vae_bound(pipe, it.scene.render()) for it in batch}
-        for method in all_methods:
-            mine = [
-                it for it in batch if method.group == "method" or it.index < cfg.ablation_scenes
-            ]
+        for method, mine in plan:
             for row in evaluate(pipe, method, mine, cfg) if mine else []:
                 row["vae_bound"] = vae[row["seed"]]
                 row["gap_to_vae"] = row["vae_bound"] - row["psnr"]
                 rows.append(row)
             bar.update()
         if on_batch is not None and batch is not batches[-1]:
-            on_batch(_results(cfg, pipe, all_methods, rows))
+            on_batch(_results(cfg, pipe, all_methods, rows, earlier))
     bar.close()
-    return _results(cfg, pipe, all_methods, rows)
+    return _results(cfg, pipe, all_methods, rows, earlier)
 
 
-def _results(cfg: BenchConfig, pipe, all_methods: list[Method], rows: list[dict]) -> dict:
-    """Summary, performance target and context of the per-scene `rows` measured so far."""
+def _results(cfg: BenchConfig, pipe, all_methods: list[Method], rows: list[dict],
+             earlier: list[str]) -> dict:  # fmt: skip
+    """Summary, performance target and context of the per-scene `rows` measured so far;
+    `earlier`: start dates of the interrupted runs this one resumed."""
     names = [m.name for m in all_methods]
     base = []
     if cfg.ablations:  # the library's rows again, on the ablation scenes only: their baseline
@@ -394,7 +413,7 @@ def _results(cfg: BenchConfig, pipe, all_methods: list[Method], rows: list[dict]
     summary = summarize(rows + base, names)
     return {
         "config": dataclasses.asdict(cfg),
-        "context": _context(pipe),
+        "context": _context(pipe) | ({"resumed_from": earlier} if earlier else {}),
         "memory_kind": CUDA_MEMORY_KIND if pipe.unet.device.type == "cuda" else CPU_MEMORY_KIND,
         "summary": summary,
         "target": _target(summary),
@@ -442,6 +461,29 @@ def _context(pipe) -> dict:
     return ctx
 
 
+def previous_results(out: Path, cfg: BenchConfig) -> dict:
+    """The results saved in `out`, checked to have `cfg` (:func:`run` checks the model), with the
+    per-scene values JSON could not hold (NaN, inf) read back as NaN.
+
+    Raises:
+        FileNotFoundError: nothing saved in `out`.
+        ValueError: the saved run had other settings.
+    """
+    path = Path(out) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no results.json in {out}; run without --resume first")
+    saved = json.loads(path.read_text())
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = {k: (saved["config"].get(k), v) for k, v in mine.items() if saved["config"].get(k) != v}
+    if diff:
+        raise ValueError(f"--resume: the run in {out} had other settings (saved, now): {diff}; "
+                         "pass the same flags, or --overwrite to start over")  # fmt: skip
+    nan = float("nan")
+    saved["per_scene"] = [{k: nan if v is None else v for k, v in r.items()}
+                          for r in saved["per_scene"]]  # fmt: skip
+    return saved
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Command line: parse flags into a :class:`BenchConfig`, run, write outputs, print the table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -462,13 +504,20 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a small smoke run (tests): see QUICK")
     p.add_argument("--out", type=Path, default=Path("results/bench"), help="(results/bench)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (same flags): keep its finished batches")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
     a = p.parse_args(argv)
     given = {k: v for k, v in vars(a).items() if k in BenchConfig.__dataclass_fields__}
     given = {k: v for k, v in given.items() if v is not None}
     if a.inner_sweep is not None:
         given["inner_sweep"] = tuple(int(k) for k in a.inner_sweep.split(","))
     cfg = BenchConfig(**{**(QUICK if a.quick else {}), **given, "ablations": not a.no_ablations})
-    results = run(cfg, progress=not a.no_progress,
+    resume = previous_results(a.out, cfg) if a.resume else None
+    if resume is None and (a.out / "results.json").exists() and not a.overwrite:
+        raise FileExistsError(f"{a.out} holds a benchmark's results: pass --resume to continue that "
+                              "run, --overwrite to replace it, or choose another --out")  # fmt: skip
+    results = run(cfg, progress=not a.no_progress, resume=resume,
                   on_batch=lambda partial: write_outputs(partial, a.out))  # fmt: skip
     table = write_outputs(results, a.out)
     print(table)

@@ -87,6 +87,9 @@ def format_table(results: dict) -> str:
         "edit ok: success rate of the intended change (renderer's scorer); tgt dB: PSNR against "
         "the target render; bg dB: PSNR against the input outside the edit region.",
     ]
+    if ctx.get("resumed_from"):
+        lines.append(f"Resumed run: batches measured in runs started {', '.join(ctx['resumed_from'])} "
+                     f"and {ctx['date']} (the methods of a batch always ran together).")  # fmt: skip
     t = results.get("target")
     if t:
         verdict = "MET" if t["met"] else "NOT MET"

@@ -109,3 +109,29 @@ def test_measure_counts_unet_rows(tiny_pipe):
 def test_config_is_validated():
     with pytest.raises(ValueError, match="batch"):
         bench.BenchConfig(batch=0)
+
+
+def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
+    _, out = quick
+    model = tmp_path / "model"
+    tiny_pipeline().save_pretrained(model)
+    with pytest.raises(FileExistsError, match="--resume"):
+        bench.main(["--quick", "--model", str(model), "--out", str(out), "--no-progress"])
+    # an interrupted run: of two batches (one scene each) only the first was saved
+    flags = ["--quick", "--model", str(model), "--scenes", "2", "--batch", "1", "--no-ablations",
+             "--no-progress", "--out", str(tmp_path / "run")]  # fmt: skip
+    full = bench.main(flags)
+    path = tmp_path / "run" / "results.json"
+    saved = json.loads(path.read_text())
+    first = saved["per_scene"][0]["seed"]
+    saved["per_scene"] = [r for r in saved["per_scene"] if r["seed"] == first]
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="other settings"):
+        bench.main([*flags, "--resume", "--steps", "4"])
+    resumed = bench.main([*flags, "--resume"])
+    kept = [r for r in resumed["per_scene"] if r["seed"] == first]
+    assert [r["wall_s"] for r in kept] == [r["wall_s"] for r in saved["per_scene"]]  # not re-run
+    again = [r for r in resumed["per_scene"] if r["seed"] != first]
+    assert len(again) == len(full["per_scene"]) - len(kept) > 0
+    assert resumed["context"]["resumed_from"] == [saved["context"]["date"]]
+    assert "Resumed run" in (tmp_path / "run" / "table.txt").read_text()

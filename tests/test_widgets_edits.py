@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nti_utils.attention import cross_attention_resolutions
+from nti_utils.attention import cross_attention_resolutions, finest_map_resolution
 from nti_utils.shapes.edits import (
     EDIT_KINDS,
     RECIPES,
@@ -56,6 +56,7 @@ def test_panel_runs_on_click_and_reacts_to_controls(tiny_pipe):
 def test_edit_controller_follows_the_kinds_recipe(tiny_pipe, small_scene):
     res = cross_attention_resolutions(tiny_pipe.unet)
     finest = max(res["down"] + res["up"])
+    assert finest_map_resolution(tiny_pipe.unet) == finest
     rng = np.random.default_rng(0)
     for kind in EDIT_KINDS:
         case = make_edit(small_scene, kind, rng)
@@ -67,6 +68,7 @@ def test_edit_controller_follows_the_kinds_recipe(tiny_pipe, small_scene):
             10 - int(recipe.cross_replace_steps * 10)
         )
         assert ctrl.self_window == (0, int(recipe.self_replace_steps * 10))
+        assert ctrl.self_replace_max_side == (finest if recipe.self_replace_finest else None)
         assert (ctrl.local_blend is not None) == (recipe.blend and kind != "background")
         if ctrl.local_blend is not None:
             assert ctrl.local_blend.resolution == (finest if recipe.blend_finest else None)

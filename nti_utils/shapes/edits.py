@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from nti_utils.attention import cross_attention_resolutions
+from nti_utils.attention import finest_map_resolution
 from nti_utils.metrics import psnr
 from nti_utils.p2p import LocalBlend, Replace
 from nti_utils.shapes.score import score_caption
@@ -87,6 +87,9 @@ class EditRecipe:
         blend_threshold (`float`, defaults to 0.3): its threshold.
         blend_finest (`bool`, defaults to `False`): build its mask from the finest cross-attention
             maps (the latent's own size) instead of Prompt-to-Prompt's default resolution.
+        self_replace_finest (`bool`, defaults to `False`): inject self-attention in every layer up
+            to the finest attention resolution, instead of only up to Prompt-to-Prompt's map
+            resolution (16x16 in SD, 8x8 in the embedded model).
     """
 
     cross_replace_steps: float
@@ -94,18 +97,21 @@ class EditRecipe:
     blend: bool
     blend_threshold: float = 0.3
     blend_finest: bool = False
+    self_replace_finest: bool = False
 
 
 RECIPES: dict[str, EditRecipe] = {
-    # a new outline needs the new word's own maps for most steps; an 8x8 mask leaves it room
-    "shape": EditRecipe(0.4, 0.2, blend=True),
-    # same outline, new color: long injection, and a tight mask keeps the background
-    "color": EditRecipe(0.8, 0.4, blend=True, blend_finest=True),
-    # a global edit: no mask; the injected attention keeps the object in place
-    "background": EditRecipe(0.8, 0.4, blend=False),
+    # a new outline needs the new word's own maps for most steps; an 8x8 mask leaves it room, and
+    # the source's self-attention at every level (16x16 too) for 60% of the steps keeps its place
+    "shape": EditRecipe(0.4, 0.6, blend=True, self_replace_finest=True),
+    # same outline, new color: a tight mask (from the finest maps) keeps the background
+    "color": EditRecipe(0.6, 0.6, blend=True, blend_finest=True, self_replace_finest=True),
+    # a global edit: no mask; the source's self-attention for 80% of the steps keeps the object
+    "background": EditRecipe(0.8, 0.8, blend=False, self_replace_finest=True),
 }
-"""The embedded model's settings per edit kind, chosen on held-out scenes (benchmark scenes and
-the notebooks' scene excluded); what they give is measured by ``python -m nti_utils.bench``."""
+"""The embedded model's settings per edit kind, chosen with ``tools/tune_recipes.py`` on 16
+held-out scenes (numbered from 10,003,000: not the benchmark's, the evaluator's, the tests' or the
+notebooks'); what they give is measured by ``python -m nti_utils.bench``."""
 
 
 def edit_controller(
@@ -122,14 +128,15 @@ def edit_controller(
     """
     r = recipe or RECIPES[case.kind]
     tok = pipe.tokenizer
+    finest = finest_map_resolution(pipe.unet)
     blend = None
     if r.blend and case.kind != "background":
-        res = cross_attention_resolutions(pipe.unet)
-        finest = max(res["down"] + res["up"]) if r.blend_finest else None
         blend = LocalBlend(case.blend_words, tok, case.prompts, threshold=r.blend_threshold,
-                           resolution=finest)  # fmt: skip
+                           resolution=finest if r.blend_finest else None)  # fmt: skip
     return Replace(tok, case.prompts, num_steps, cross_replace_steps=r.cross_replace_steps,
-                   self_replace_steps=r.self_replace_steps, local_blend=blend)  # fmt: skip
+                   self_replace_steps=r.self_replace_steps,
+                   self_replace_max_side=finest if r.self_replace_finest else None,
+                   local_blend=blend)  # fmt: skip
 
 
 @dataclass(frozen=True)

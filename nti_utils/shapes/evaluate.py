@@ -59,8 +59,9 @@ def vae_psnr(pipe, n: int = 200, batch: int = 50) -> float:
 def latent_locality(pipe, n: int = 30) -> float:
     """How local the VAE's latents are: the mean |z_source - z_target| over background latent pixels
     far (>= 4 latent pixels) from the object, when only the object's color changes, over `n`
-    held-out scenes. 0 for a perfectly local encoder; LocalBlend (which keeps the source's latents
-    outside a mask) relies on it being small compared with the latents' own size (mean |z|)."""
+    held-out scenes. 0 for a perfectly local encoder; compare it with the latents' own size (mean |z|).
+    How much image-wide information the latents carry matters for LocalBlend, which keeps the
+    source's latents outside a mask (the model card of ``data/toy-sd`` has what we measured)."""
     diffs = []
     for i in range(n):
         scene = scene_from_seed(HELD_OUT_SEED + 4000 + i, n_objects=1)
