@@ -63,7 +63,14 @@ from nti_utils.models import (
     scheduler_hash,
 )
 from nti_utils.p2p import edit
-from nti_utils.shapes.edits import EDIT_KINDS, EditCase, edit_controller, make_edit, score_edit
+from nti_utils.shapes.edits import (
+    EDIT_KINDS,
+    RECIPES,
+    EditCase,
+    edit_controller,
+    make_edit,
+    score_edit,
+)
 from nti_utils.shapes.train import HELD_OUT_SEED
 from nti_utils.shapes.world import Scene, scene_from_seed
 
@@ -357,7 +364,7 @@ def run(cfg: BenchConfig, progress: bool = True,
     its rows cover completely are kept, not run again.
 
     Raises:
-        ValueError: `resume` was measured on another model.
+        ValueError: `resume` was measured on another model or with other edit settings.
     """
     torch.manual_seed(0)
     dev = torch.device(cfg.device) if cfg.device else default_device()
@@ -372,8 +379,14 @@ def run(cfg: BenchConfig, progress: bool = True,
     batches = [items[k : k + cfg.batch] for k in range(0, len(items), cfg.batch)]
     bar = tqdm(total=len(batches) * len(all_methods), desc="benchmark", disable=not progress)
     done = resume["per_scene"] if resume else []
-    if resume and resume["context"]["model_fingerprint"] != model_fingerprint(pipe):
-        raise ValueError("--resume: the saved run used other model weights; pass --overwrite")
+    if resume:
+        then, now = resume["context"], _context(pipe)
+        for key, what in (
+            ("model_fingerprint", "model weights"),
+            ("edit_recipes", "edit settings"),
+        ):
+            if then.get(key) != now[key]:
+                raise ValueError(f"--resume: the saved run used other {what}; pass --overwrite")
     have = {(r["method"], r["seed"]) for r in done}
     earlier = (
         [*resume["context"].get("resumed_from", []), resume["context"]["date"]] if resume else []
@@ -455,6 +468,7 @@ def _context(pipe) -> dict:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "edit_recipes": {k: dataclasses.asdict(r) for k, r in RECIPES.items()},
     }  # fmt: skip
     if unet.device.type == "cuda":
         ctx["gpu"] = torch.cuda.get_device_name(unet.device)

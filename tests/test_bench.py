@@ -128,6 +128,11 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="other settings"):
         bench.main([*flags, "--resume", "--steps", "4"])
+    changed = dict(saved, context=dict(saved["context"], edit_recipes={}))
+    path.write_text(json.dumps(changed))
+    with pytest.raises(ValueError, match="other edit settings"):
+        bench.main([*flags, "--resume"])
+    path.write_text(json.dumps(saved))
     resumed = bench.main([*flags, "--resume"])
     kept = [r for r in resumed["per_scene"] if r["seed"] == first]
     assert [r["wall_s"] for r in kept] == [r["wall_s"] for r in saved["per_scene"]]  # not re-run
