@@ -9,7 +9,9 @@ from nti_utils.shapes.edits import (
     EDIT_KINDS,
     RECIPES,
     EditRecipe,
+    EditScore,
     edit_controller,
+    edit_rates,
     make_edit,
     score_edit,
 )
@@ -75,3 +77,11 @@ def test_edit_controller_follows_the_kinds_recipe(tiny_pipe, small_scene):
     custom = EditRecipe(1.0, 0.0, blend=False)
     ctrl = edit_controller(make_edit(small_scene, "shape", rng), tiny_pipe, 10, custom)
     assert ctrl.local_blend is None and bool(ctrl.cross_alphas[:, 0, 1].all())
+
+
+def test_edit_rates_aggregate_scores():
+    scores = [EditScore(True, 20.0, 30.0), EditScore(True, 20.0, 24.0), EditScore(False, 10.0, 26.0),
+              EditScore(False, 10.0, 20.0)]  # fmt: skip
+    r = edit_rates(scores)
+    assert r == {"n": 4, "success": 0.5, "psnr_outside_mean": 25.0, "psnr_outside_ge_25": 0.5,
+                 "success_and_ge_25": 0.25}  # fmt: skip

@@ -156,6 +156,21 @@ class EditScore:
     psnr_outside: float
 
 
+def edit_rates(scores: list[EditScore], psnr_bar: float = 25.0) -> dict:
+    """Aggregate of several edits' scores: their number `n`, the `success` rate, the mean PSNR
+    outside the edit region (`psnr_outside_mean`), the share at or above `psnr_bar` there
+    (`psnr_outside_ge_25`) and of both together (`success_and_ge_25`)."""
+    ok = np.array([s.success for s in scores])
+    outside = np.array([s.psnr_outside for s in scores])
+    return {
+        "n": len(scores),
+        "success": float(ok.mean()),
+        "psnr_outside_mean": float(outside.mean()),
+        "psnr_outside_ge_25": float(np.mean(outside >= psnr_bar)),
+        "success_and_ge_25": float(np.mean(ok & (outside >= psnr_bar))),
+    }
+
+
 def score_edit(case: EditCase, edited: Image.Image, source_image: Image.Image) -> EditScore:
     """Score an edited image against the case's ground truth.
 

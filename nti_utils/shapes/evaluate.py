@@ -37,7 +37,7 @@ from nti_utils.models import embed_prompts, load_pipeline
 from nti_utils.p2p import edit
 from nti_utils.sampling import generate
 from nti_utils.shapes.attn_loss import shape_attention_inside
-from nti_utils.shapes.edits import edit_controller, make_edit, score_edit
+from nti_utils.shapes.edits import edit_controller, edit_rates, make_edit, score_edit
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.train import HELD_OUT_SEED, single_object_prompts
 from nti_utils.shapes.world import scene_from_seed
@@ -125,21 +125,14 @@ def shape_swaps(pipe, n: int = 20, steps: int = 50, guidance: float = DEFAULT_GU
     input."""
     settings = InversionSettings(num_steps=steps, guidance_scale=guidance)
     rng = np.random.default_rng(0)
-    rows = []
+    scores = []
     for i in tqdm(range(n), desc="shape swaps", disable=not progress):
         scene = scene_from_seed(HELD_OUT_SEED + 2000 + i, n_objects=1)
         case = make_edit(scene, "shape", rng)
         inv = null_text_inversion(pipe, scene.render(), scene.caption(), settings, progress=False)
         out = edit(pipe, inv, case.prompts, edit_controller(case, pipe, steps), progress=False)
-        sc = score_edit(case, out.images[1], scene.render())
-        rows.append((sc.success, sc.psnr_outside, sc.psnr_outside >= 25.0))
-    return {
-        "n": n,
-        "success": float(np.mean([r[0] for r in rows])),
-        "psnr_outside_mean": float(np.mean([r[1] for r in rows])),
-        "psnr_outside_ge_25": float(np.mean([r[2] for r in rows])),
-        "success_and_ge_25": float(np.mean([r[0] and r[2] for r in rows])),
-    }
+        scores.append(score_edit(case, out.images[1], scene.render()))
+    return edit_rates(scores)
 
 
 def evaluate(model="toy", guidance=DEFAULT_GUIDANCE, seeds=3, n_two=60, steps=50, batch=45,
