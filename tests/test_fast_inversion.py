@@ -110,6 +110,19 @@ def test_max_rows_and_warm_up_options(tiny_pipe, small_scene, other_image, z0):
     assert torch.isfinite(reconstruct(tiny_pipe, warm, progress=False)).all()
 
 
+def test_a_shorter_schedule_is_the_same_algorithm_with_other_settings(tiny_pipe, z0):
+    short = FastSettings(step_scale=3.0)  # 4 inner steps -> 2
+    res = fast_null_text_inversion(tiny_pipe, z0, PROMPT, SETTINGS, short, progress=False)
+    same = dataclasses.replace(SETTINGS, lr=3 * SETTINGS.lr, inner_steps=2)
+    plain = fast_null_text_inversion(tiny_pipe, z0, PROMPT, same, progress=False)
+    assert res.settings == same  # the result records what ran
+    assert res.inner_steps == plain.inner_steps and max(res.inner_steps) <= 2
+    torch.testing.assert_close(res.null_embeddings, plain.null_embeddings, atol=1e-4, rtol=1e-3)
+    paper = fast_null_text_inversion(tiny_pipe, z0, PROMPT, SETTINGS, progress=False)
+    assert paper.settings == SETTINGS and not torch.equal(res.null_embeddings,
+                                                          paper.null_embeddings)  # fmt: skip
+
+
 def test_weights_stay_untouched(tiny_pipe, z0):
     fast_null_text_inversion(tiny_pipe, z0, PROMPT, SETTINGS, progress=False)
     assert all(p.requires_grad for p in tiny_pipe.unet.parameters())
@@ -121,6 +134,8 @@ def test_bad_arguments_are_refused(tiny_pipe, z0):
         FastSettings(update_rule="sometimes")
     with pytest.raises(ValueError, match="max_rows"):
         FastSettings(max_rows=0)
+    with pytest.raises(ValueError, match="step_scale"):
+        FastSettings(step_scale=0.5)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         batched_null_text_inversion(tiny_pipe, torch.cat([z0, z0]), [PROMPT], SETTINGS)
     with pytest.raises(ValueError, match="per-timestep null"):
