@@ -18,9 +18,11 @@ the library's Algorithm 1 (:func:`~nti_utils.inversion.null_text_inversion`), an
 (:func:`~nti_utils.fast_inversion.batched_null_text_inversion`: the reference's update rule with
 frozen weights, batched across `--batch` images, with the short optimizer schedule
 :data:`~nti_utils.fast_inversion.SHORT_SCHEDULE`). Ablations: a global ∅, a random pivot, optimizing
-C instead of ∅ (textual-inversion style), ours with the paper's schedule (batching alone), ours with
-the library's check-first update rule, ours with a parallel-over-timesteps warm-up, and PSNR against
-the number of inner steps.
+C instead of ∅ (textual-inversion style), and PSNR against the number of inner steps (compare with
+the library on the same scenes, row "ablation baseline: NTI library"); ours with the paper's
+schedule (the reference's updates, batched, frozen weights), ours with the library's check-first
+update rule, ours with a parallel-over-timesteps warm-up (the last two with the short schedule;
+compare with "ablation baseline: NTI ours").
 
 Prints a table and writes ``summary.csv``, ``per_scene.csv``, ``results.json``, ``table.txt`` and
 ``bench.png`` to ``--out`` (default ``results/bench``). ``--quick`` is a smoke run for tests
@@ -79,6 +81,7 @@ from nti_utils.shapes.world import Scene, scene_from_seed
 REFERENCE, LIBRARY, OURS = "NTI reference loop", "NTI library (Alg. 1)", "NTI ours (fast)"
 DDIM_W1, DDIM_W = "DDIM inversion, w=1", "DDIM inversion, w=7.5"
 ABLATION_BASELINE = "ablation baseline: NTI library"
+OURS_BASELINE = "ablation baseline: NTI ours"
 """Summary row: the library's null-text inversion on the ablation scenes only, so that the ablations
 (which run on the first `ablation_scenes` scenes) compare with it on the same images."""
 
@@ -266,7 +269,8 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
                    ours(dataclasses.replace(fast, update_rule="check-first")), group="ablation",
                    batched=True),
             Method("ablation: ours + timestep warm-up",
-                   ours(dataclasses.replace(fast, warmup_steps=s.inner_steps)), group="ablation",
+                   ours(dataclasses.replace(fast, warmup_steps=fast.schedule(s).inner_steps)),
+                   group="ablation",
                    batched=True),
         ]  # fmt: skip
         out += [
@@ -369,7 +373,8 @@ def run(cfg: BenchConfig, progress: bool = True,
     its rows cover completely are kept, not run again.
 
     Raises:
-        ValueError: `resume` was measured on another model or with other edit settings.
+        ValueError: `resume` was measured on another model, or with other edit settings or
+            another optimizer schedule for ours.
     """
     torch.manual_seed(0)
     dev = torch.device(cfg.device) if cfg.device else default_device()
@@ -389,6 +394,7 @@ def run(cfg: BenchConfig, progress: bool = True,
         for key, what in (
             ("model_fingerprint", "model weights"),
             ("edit_recipes", "edit settings"),
+            ("ours_step_scale", "optimizer schedule for ours"),
         ):
             if then.get(key) != now[key]:
                 raise ValueError(f"--resume: the saved run used other {what}; pass --overwrite")
@@ -423,11 +429,13 @@ def _results(cfg: BenchConfig, pipe, all_methods: list[Method], rows: list[dict]
     `earlier`: start dates of the interrupted runs this one resumed."""
     names = [m.name for m in all_methods]
     base = []
-    if cfg.ablations:  # the library's rows again, on the ablation scenes only: their baseline
-        names.insert(len([m for m in all_methods if m.group == "method"]), ABLATION_BASELINE)
+    if cfg.ablations:  # the library's and ours' rows again, on the ablation scenes: baselines
+        k = len([m for m in all_methods if m.group == "method"])
+        names[k:k] = [ABLATION_BASELINE, OURS_BASELINE]
         ablation_seeds = {r["seed"] for r in rows if r["group"] == "ablation"}
-        base = [dict(r, method=ABLATION_BASELINE, group="ablation", sweep_inner_steps=cfg.inner_steps)
-                for r in rows if r["method"] == LIBRARY and r["seed"] in ablation_seeds]  # fmt: skip
+        for name, of in ((ABLATION_BASELINE, LIBRARY), (OURS_BASELINE, OURS)):
+            base += [dict(r, method=name, group="ablation", sweep_inner_steps=cfg.inner_steps)
+                     for r in rows if r["method"] == of and r["seed"] in ablation_seeds]  # fmt: skip
     summary = summarize(rows + base, names)
     return {
         "config": dataclasses.asdict(cfg),
@@ -474,6 +482,7 @@ def _context(pipe) -> dict:
         "machine": platform.platform(), "processor": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "edit_recipes": {k: dataclasses.asdict(r) for k, r in RECIPES.items()},
+        "ours_step_scale": SHORT_SCHEDULE.step_scale,
     }  # fmt: skip
     if unet.device.type == "cuda":
         ctx["gpu"] = torch.cuda.get_device_name(unet.device)

@@ -79,11 +79,15 @@ def format_table(results: dict) -> str:
         f"VAE bound (round trip) mean PSNR: {_fmt(_mean(vae), '.2f')} dB; gap = bound - PSNR; "
         "z MSE: reconstructed vs encoded latents z_0 (the inversion alone, without the VAE).",
         "fwd/bwd: latent rows through the UNet per image (a [∅; C] batch counts 2).",
-        f"Batched rows (ours) invert {cfg['batch']} images per call: their wall s, cpu s, fwd and "
+        f"Batched rows (ours) invert up to {cfg['batch']} images per call (its ablations: the "
+        "ablation scenes of the batch): their wall s, cpu s, fwd and "
         "bwd are the batch's shared per image, their mem is the batch's.",
         f"mem: {results.get('memory_kind', '')}.",
         f"Ablations run on the first {min(cfg['ablation_scenes'], cfg['scenes'])} scenes: compare "
-        "them with the 'ablation baseline' row (the library's NTI on those scenes).",
+        "them with the 'ablation baseline' rows (the library's or ours on those scenes).",
+        "Ours: the reference's update rule with Adam's learning rate x "
+        f"{ctx.get('ours_step_scale', 1):g} and the inner-step ceiling divided by it (rounded up); "
+        "'ours, paper schedule': x 1.",
         "edit ok: success rate of the intended change (renderer's scorer); tgt dB: PSNR against "
         "the target render; bg dB: PSNR against the input outside the edit region.",
     ]

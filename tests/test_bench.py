@@ -37,7 +37,8 @@ def test_outputs_are_written(quick):
         assert tuple(reader.fieldnames) == COLUMNS
         names = [row["method"] for row in reader]
     assert names[: len(METHODS)] == METHODS
-    assert names[len(METHODS)] == bench.ABLATION_BASELINE  # the library on the ablation scenes
+    # the library and ours again, on the ablation scenes
+    assert names[len(METHODS) : len(METHODS) + 2] == [bench.ABLATION_BASELINE, bench.OURS_BASELINE]
     assert any(n.startswith("ablation: ") for n in names)
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["scenes"] == 3 and saved["context"]["resolution"] == 32
@@ -71,13 +72,17 @@ def test_numbers_are_finite_and_ordered(quick):
     assert by[bench.OURS]["psnr"] == pytest.approx(by[bench.REFERENCE]["psnr"], abs=0.05)
     assert by[bench.OURS]["unet_forward"] < by[bench.REFERENCE]["unet_forward"]
     assert by[bench.OURS]["unet_backward"] < by[bench.REFERENCE]["unet_backward"]
-    # with the paper's schedule, ours is the reference's arithmetic: the same updates (ablation
-    # scene only, ours alone in its batch)
-    first = {r["method"]: r for r in results["per_scene"]
-             if r["seed"] == results["per_scene"][0]["seed"]}  # fmt: skip
-    paper, ref = first["ablation: ours, paper schedule"], first[bench.REFERENCE]
-    assert paper["unet_backward"] == ref["unet_backward"] > 0
-    assert first[bench.OURS]["unet_backward"] < ref["unet_backward"]
+    # with the paper's schedule, ours is the reference's arithmetic (on the ablation scene, alone in
+    # its batch): the same updates and the same reconstruction
+    paper_rows = [
+        r for r in results["per_scene"] if r["method"] == "ablation: ours, paper schedule"
+    ]
+    assert len(paper_rows) == 1
+    same = {r["method"]: r for r in results["per_scene"] if r["seed"] == paper_rows[0]["seed"]}
+    paper, ref = paper_rows[0], same[bench.REFERENCE]
+    assert paper["unet_backward"] == ref["unet_backward"] > same[bench.OURS]["unet_backward"]
+    assert paper["latent_mse"] == pytest.approx(ref["latent_mse"], rel=1e-2)
+    assert by[bench.OURS_BASELINE]["n"] == 1
     steps = results["config"]["steps"]
     assert by[bench.DDIM_W]["unet_forward"] == steps and by[bench.DDIM_W]["unet_backward"] == 0
     assert by[bench.REFERENCE]["unet_backward"] > 0
@@ -139,6 +144,10 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
     changed = dict(saved, context=dict(saved["context"], edit_recipes={}))
     path.write_text(json.dumps(changed))
     with pytest.raises(ValueError, match="other edit settings"):
+        bench.main([*flags, "--resume"])
+    before = {k: v for k, v in saved["context"].items() if k != "ours_step_scale"}
+    path.write_text(json.dumps(dict(saved, context=before)))  # a run from before the schedule
+    with pytest.raises(ValueError, match="optimizer schedule"):
         bench.main([*flags, "--resume"])
     path.write_text(json.dumps(saved))
     resumed = bench.main([*flags, "--resume"])

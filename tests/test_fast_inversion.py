@@ -118,6 +118,8 @@ def test_a_shorter_schedule_is_the_same_algorithm_with_other_settings(tiny_pipe,
     assert res.settings == same  # the result records what ran
     assert res.inner_steps == plain.inner_steps and max(res.inner_steps) <= 2
     torch.testing.assert_close(res.null_embeddings, plain.null_embeddings, atol=1e-4, rtol=1e-3)
+    assert FastSettings().schedule(SETTINGS) is SETTINGS
+    assert FastSettings(step_scale=2.5).schedule(SETTINGS).inner_steps == 2  # ceil(4 / 2.5)
     paper = fast_null_text_inversion(tiny_pipe, z0, PROMPT, SETTINGS, progress=False)
     assert paper.settings == SETTINGS and not torch.equal(res.null_embeddings,
                                                           paper.null_embeddings)  # fmt: skip
@@ -134,8 +136,9 @@ def test_bad_arguments_are_refused(tiny_pipe, z0):
         FastSettings(update_rule="sometimes")
     with pytest.raises(ValueError, match="max_rows"):
         FastSettings(max_rows=0)
-    with pytest.raises(ValueError, match="step_scale"):
-        FastSettings(step_scale=0.5)
+    for bad in (0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="step_scale"):
+            FastSettings(step_scale=bad)
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         batched_null_text_inversion(tiny_pipe, torch.cat([z0, z0]), [PROMPT], SETTINGS)
     with pytest.raises(ValueError, match="per-timestep null"):
