@@ -13,11 +13,13 @@ costs far less per image than B separate runs. On top of that:
 
 Optionally, a shorter optimizer schedule (:attr:`FastSettings.step_scale` = k;
 :data:`SHORT_SCHEDULE`): Adam's learning rate times k and an inner-step ceiling of ⌈N/k⌉: at least
-the same budget of step lengths in about k times fewer updates. On the embedded model the steps with large t never
-reach the early-stop threshold within the paper's 10 updates; their loss falls by a near-constant
-amount per update (Adam moves each coordinate by about lr, far from the optimum), so longer steps
-make the same progress in fewer updates. Measured with ``python -m nti_utils.bench`` (rows "NTI
-ours (fast)" and "ablation: ours, paper schedule"). A warm-up also runs with the scaled rate.
+the same budget of step lengths in about k times fewer updates. On the embedded model the steps
+with large t never reach the early-stop threshold within the paper's 10 updates; their loss falls
+by a near-constant amount per update (Adam moves each coordinate by about lr, far from the
+optimum), so longer steps make the same progress in fewer updates. Measured with ``python -m
+nti_utils.bench`` (rows "NTI ours (fast)" and "ablation: ours, paper schedule"; 50 scenes on a
+2-core CPU: 34.84 dB against the reference's 34.85 dB, 185 instead of 370 backward rows per
+image). A warm-up also runs with the scaled rate.
 
 Two update rules (:attr:`FastSettings.update_rule`):
 
