@@ -81,9 +81,10 @@ from nti_utils.shapes.world import Scene, scene_from_seed
 REFERENCE, LIBRARY, OURS = "NTI reference loop", "NTI library (Alg. 1)", "NTI ours (fast)"
 DDIM_W1, DDIM_W = "DDIM inversion, w=1", "DDIM inversion, w=7.5"
 ABLATION_BASELINE = "ablation baseline: NTI library"
-OURS_BASELINE = "ablation baseline: NTI ours"
 """Summary row: the library's null-text inversion on the ablation scenes only, so that the ablations
 (which run on the first `ablation_scenes` scenes) compare with it on the same images."""
+OURS_BASELINE = "ablation baseline: NTI ours"
+"""Summary row: ours on the ablation scenes only, the baseline of ours' ablations."""
 
 
 @dataclass(frozen=True)
@@ -270,8 +271,7 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
                    batched=True),
             Method("ablation: ours + timestep warm-up",
                    ours(dataclasses.replace(fast, warmup_steps=fast.schedule(s).inner_steps)),
-                   group="ablation",
-                   batched=True),
+                   group="ablation", batched=True),
         ]  # fmt: skip
         out += [
             Method(f"ablation: inner steps {k}", lib(dataclasses.replace(s, inner_steps=k)),
