@@ -1,163 +1,111 @@
-"""Null-text inversion (Mokady et al. 2023, Algorithm 1), negative-prompt inversion (Miyake et al.
-2023), plain DDIM inversion as a baseline, and safetensors save/load of their results.
+"""Null-text inversion (Mokady et al. 2023, Algorithm 1), its baselines (plain DDIM inversion,
+negative-prompt inversion of Miyake et al. 2023), and reconstruction.
 
-All three return an :class:`InversionResult`: the starting latent z̄_T and one null embedding ∅_t per
-sampling step, so that ``reconstruct(pipe, result)`` (or a Prompt-to-Prompt edit) re-samples the image
-with guidance w using ∅_t at step t.
+Each function returns an :class:`~nti_utils.result.InversionResult`: the starting latent z̄_T and one
+null embedding ∅_t per sampling step, so that ``reconstruct(pipe, result)`` (or a Prompt-to-Prompt
+edit) re-samples the image with guidance w using ∅_t at step t.
+
+Null-text inversion is written once, for a batch of B images in lockstep
+(:func:`batched_null_text_inversion`); :func:`null_text_inversion` is that core with one image.
+Algorithm 1 is sequential over timesteps but independent across images, and a small UNet at batch 1
+is bound by per-call overhead, so B images cost far less than B separate runs. In both:
+
+1. pivots: DDIM inversion at w = 1 gives z*_0..z*_N (all images in one batched loop);
+2. for t = T..1, ε(z̄_t, t, C) once per step for all rows, then up to ``max_updates`` Adam updates of
+   ∅_t (one leaf and one Adam state per image, learning rate ``lr · (1 - i/100)``), minimizing
+   ``‖z*_{t-1} - DDIM_step(z̄_t, ε̃(∅_t))‖²`` with ε̃ = ε(∅_t) + w·(ε(C) - ε(∅_t)); each image leaves
+   the batch when its loss is under ``epsilon + i · epsilon_growth``;
+3. z̄_{t-1} = DDIM_step(z̄_t, ε̃(∅_t)) with the final ∅_t, and ∅_{t-1} starts from ∅_t.
+
+The UNet's weights are frozen during the optimization (gradients flow to ∅_t only), and the
+optimized embeddings are float32 leaves whatever the UNet's dtype (cast inside each forward), so
+half-precision weights do not turn Adam's small updates into zeros or NaNs.
 """
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from nti_utils.ddim import DDIMSchedule, ddim_step, guide, invert, predict_noise, sample
-from nti_utils.images import ImageLike, image_to_latents
-from nti_utils.models import embed_prompts, model_fingerprint, model_id, scheduler_hash
+from nti_utils.images import ImageLike, encode, load_image, model_resolution, pil_to_tensor
+from nti_utils.models import embed_prompts, frozen
+from nti_utils.result import InversionResult, InversionSettings, check_compatible
 
-FORMAT_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class InversionSettings:
-    """Settings of an inversion (defaults: the paper's).
-
-    Attributes:
-        num_steps (`int`, defaults to 50): DDIM steps N.
-        guidance_scale (`float`, defaults to 7.5): w used when editing/reconstructing.
-        inner_steps (`int`, defaults to 10): at most this many Adam steps per timestep.
-        lr (`float`, defaults to 1e-2): Adam's learning rate at the first timestep; at step index i
-            it is ``lr * (1 - i / 100)``.
-        epsilon (`float`, defaults to 1e-5): early stop when the latent MSE falls below
-            ``epsilon + i * epsilon_growth`` at step index i.
-        epsilon_growth (`float`, defaults to 2e-5): see `epsilon`.
-        per_timestep (`bool`, defaults to `True`): one null embedding per timestep (the paper's
-            method); False keeps optimizing a single embedding through all timesteps and uses the
-            final one everywhere (the paper's "global null embedding" ablation).
-        optimize (`str`, defaults to ``"null"``): which embedding Algorithm 1 optimizes: ``"null"``
-            (∅_t, the paper's method) or ``"cond"`` (the source prompt's C_t with ∅ fixed, the
-            paper's textual-inversion-style ablation; the result then holds per-step offsets
-            ``C_t - C`` that reconstruction and editing add to every prompt's embedding).
-    """
-
-    num_steps: int = 50
-    guidance_scale: float = 7.5
-    inner_steps: int = 10
-    lr: float = 1e-2
-    epsilon: float = 1e-5
-    epsilon_growth: float = 2e-5
-    per_timestep: bool = True
-    optimize: str = "null"
-
-    def __post_init__(self) -> None:
-        if self.optimize not in ("null", "cond"):
-            raise ValueError(f"optimize must be 'null' or 'cond', got {self.optimize!r}")
+_AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
-class InversionResult:
-    """An inverted image, ready to be reconstructed or edited.
+class _Prepared:
+    """The shared first steps of every inversion, for B images."""
 
-    Attributes:
-        latent_T (`torch.Tensor`): z̄_T, (1, C, h, w).
-        null_embeddings (`torch.Tensor`): ∅_t for each sampling step, (N, 1, L, D), in sampling order
-            (first row for t = T).
-        prompt (`str`): the source prompt P whose embedding C was used.
-        method (`str`): ``"null-text"``, ``"negative-prompt"``, ``"ddim"``, ``"cond-text"`` (C_t
-            optimized instead of ∅_t), ``"null-text-fast"``
-            (:mod:`~nti_utils.fast_inversion`) or ``"null-text-reference"`` (the benchmark's
-            reference loop, :func:`~nti_utils.bench.reference_null_text_inversion`).
-        settings (`InversionSettings`): what was used.
-        losses (`list[list[float]]`): per step, the latent MSE at each evaluation (before each Adam
-            update, and once more after the last one); empty for methods without optimization.
-        inner_steps (`list[int]`): per step, the Adam updates made (``len(losses[i]) - 1``).
-        timings (`dict[str, float]`): seconds spent in each phase.
-        model_id (`str`), model_fingerprint (`str`), scheduler_hash (`str`): model identity.
-        pivots (`list[torch.Tensor]`): the w = 1 DDIM trajectory z*_0..z*_N (not saved to disk).
-        step_errors (`list[float]`): per step, MSE between z̄_{t-1} and the pivot z*_{t-1}
-            (null-text inversion only; not saved).
-        unet_calls (`dict[str, int]`): UNet forward and backward passes of the optimization.
-        cond_offsets (`torch.Tensor`, *optional*): ``C_t - C`` per sampling step, (N, 1, L, D), when
-            the conditional embedding was optimized (``settings.optimize == "cond"``); added to the
-            embedding of every prompt at step t when reconstructing or editing. `None` otherwise.
-    """
-
-    latent_T: torch.Tensor
-    null_embeddings: torch.Tensor
-    prompt: str
-    method: str
-    settings: InversionSettings
-    losses: list[list[float]] = field(default_factory=list)
-    inner_steps: list[int] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    model_id: str = ""
-    model_fingerprint: str = ""
-    scheduler_hash: str = ""
-    pivots: list[torch.Tensor] = field(default_factory=list, repr=False)
-    step_errors: list[float] = field(default_factory=list)
-    unet_calls: dict[str, int] = field(default_factory=dict)
-    cond_offsets: torch.Tensor | None = None
-
-    def uncond_per_step(self) -> list[torch.Tensor]:
-        """The null embeddings as a list of (1, L, D) tensors, one per sampling step."""
-        return list(self.null_embeddings)
-
-    def cond_offsets_per_step(self) -> list[torch.Tensor] | None:
-        """The conditional offsets as a list of (1, L, D) tensors, or `None` if there are none."""
-        return None if self.cond_offsets is None else list(self.cond_offsets)
+    schedule: DDIMSchedule
+    cond: torch.Tensor  # C, (B, L, D)
+    null: torch.Tensor  # ∅ = encoder(""), (1, L, D)
+    pivots: list[torch.Tensor]  # z*_0..z*_N, each (B, C, h, w)
+    timings: dict[str, float]
 
 
 def _prepare(
     pipe: StableDiffusionPipeline,
-    image: ImageLike | torch.Tensor,
-    prompt: str,
+    images: Sequence[ImageLike] | torch.Tensor,
+    prompts: Sequence[str],
     settings: InversionSettings,
     progress: bool,
-) -> tuple[DDIMSchedule, torch.Tensor, torch.Tensor, list[torch.Tensor], dict[str, float]]:
-    """Shared first steps: schedule, C, ∅ and the guidance-1 DDIM trajectory (the pivots)."""
-    timings: dict[str, float] = {}
+) -> _Prepared:
+    """Latents z_0, schedule, C, ∅ and the guidance-1 DDIM trajectory (the pivots)."""
+    if len(prompts) != len(images):
+        raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+    unet = pipe.unet
+    timings: dict[str, float] = {"batch_size": float(len(prompts))}
     t0 = time.perf_counter()
-    z0 = image if isinstance(image, torch.Tensor) else image_to_latents(pipe, image)
-    if z0.dim() != 4 or z0.shape[0] != 1:
-        raise ValueError(
-            f"invert one image at a time: latents must be (1, C, h, w), got {tuple(z0.shape)}"
-        )
-    z0 = z0.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"latents must be (B, C, h, w), got {tuple(images.shape)}")
+        z0 = images
+    else:
+        res = model_resolution(pipe)
+        z0 = encode(pipe.vae, pil_to_tensor([load_image(im, res) for im in images]))
+    z0 = z0.to(device=unet.device, dtype=unet.dtype)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, settings.num_steps)
-    cond, null = embed_prompts(pipe, [prompt, ""]).chunk(2)
+    cond = embed_prompts(pipe, list(prompts))
+    null = embed_prompts(pipe, "")
     timings["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pivots = invert(pipe.unet, z0, cond, schedule, guidance_scale=1.0, progress=progress)
+    pivots = invert(unet, z0, cond, schedule, guidance_scale=1.0, progress=progress)
     timings["ddim_inversion"] = time.perf_counter() - t0
-    return schedule, cond, null, pivots, timings
+    return _Prepared(schedule, cond, null, pivots, timings)
 
 
-def _result(
-    pipe, method, prompt, settings, latent_T, nulls, pivots, timings, losses=None, counts=None
-) -> InversionResult:
-    return InversionResult(
-        latent_T=latent_T.detach(),
-        null_embeddings=torch.stack([n.detach() for n in nulls]),
+def _single(image: ImageLike | torch.Tensor) -> Sequence[ImageLike] | torch.Tensor:
+    """One image as a batch of one (latents must already be (1, C, h, w))."""
+    if isinstance(image, torch.Tensor):
+        if image.dim() != 4 or image.shape[0] != 1:
+            raise ValueError(
+                f"invert one image at a time: latents must be (1, C, h, w), got {tuple(image.shape)}"
+            )
+        return image
+    return [image]
+
+
+def _baseline(pipe, image, prompt, settings, progress, method: str) -> InversionResult:
+    prep = _prepare(pipe, _single(image), [prompt], settings, progress)
+    null = prep.cond if method == "negative-prompt" else prep.null
+    return InversionResult.for_pipeline(
+        pipe,
+        latent_T=prep.pivots[-1].detach(),
+        null_embeddings=torch.stack([null.detach()] * len(prep.schedule)),
         prompt=prompt,
         method=method,
         settings=settings,
-        losses=losses or [],
-        inner_steps=counts or [],
-        timings=timings,
-        model_id=model_id(pipe),
-        model_fingerprint=model_fingerprint(pipe),
-        scheduler_hash=scheduler_hash(pipe.scheduler),
-        pivots=pivots,
+        timings=prep.timings,
+        pivots=prep.pivots,
     )
 
 
@@ -168,12 +116,10 @@ def ddim_inversion(
     settings: InversionSettings = InversionSettings(),
     progress: bool = True,
 ) -> InversionResult:
-    """Plain DDIM inversion at w = 1, packaged with ∅ = encoder("") at every step: reconstructing it
-    at w = `settings.guidance_scale` shows how guidance amplifies the inversion error."""
-    schedule, cond, null, pivots, timings = _prepare(pipe, image, prompt, settings, progress)
-    return _result(
-        pipe, "ddim", prompt, settings, pivots[-1], [null] * len(schedule), pivots, timings
-    )
+    """Plain DDIM inversion at w = 1, packaged with ∅ = encoder("") at every step (method
+    ``"ddim"``): reconstructing it at w = `settings.guidance_scale` shows how guidance amplifies the
+    inversion error."""
+    return _baseline(pipe, image, prompt, settings, progress, "ddim")
 
 
 def negative_prompt_inversion(
@@ -183,33 +129,217 @@ def negative_prompt_inversion(
     settings: InversionSettings = InversionSettings(),
     progress: bool = True,
 ) -> InversionResult:
-    """Negative-prompt inversion (Miyake et al. 2023): ∅_t := C at every step, no optimization.
-
-    With ∅_t = C the guidance term vanishes, so sampling retraces the w = 1 DDIM trajectory."""
-    schedule, cond, _, pivots, timings = _prepare(pipe, image, prompt, settings, progress)
-    return _result(
-        pipe,
-        "negative-prompt",
-        prompt,
-        settings,
-        pivots[-1],
-        [cond] * len(schedule),
-        pivots,
-        timings,
-    )
+    """Negative-prompt inversion (Miyake et al. 2023, method ``"negative-prompt"``): ∅_t := C at
+    every step, no optimization. With ∅_t = C the guidance term vanishes, so sampling retraces the
+    w = 1 DDIM trajectory."""
+    return _baseline(pipe, image, prompt, settings, progress, "negative-prompt")
 
 
-@contextmanager
-def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Turn off `requires_grad` on a module's weights for the block (gradients then flow to the
-    inputs only, which is all null-text optimization needs), restoring the flags afterwards."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
+# ------------------------------------------------------------------------------ the one core
+@dataclass
+class _Step:
+    """State of one sampling step of the optimization for B images."""
+
+    latent: torch.Tensor  # z̄_t, (B, C, h, w)
+    t: torch.Tensor
+    alphas: tuple[torch.Tensor, torch.Tensor]  # ᾱ_t, ᾱ_{t-1}
+    eps_fixed: torch.Tensor  # ε(z̄_t, t, C), or ε(z̄_t, t, ∅) when C is optimized; float32
+    target: torch.Tensor  # z*_{t-1}, float32
+    threshold: float
+    emb: list[torch.Tensor]  # the optimized embedding per image, (1, L, D) float32 leaves
+    z_next: torch.Tensor  # z̄_{t-1} of the rows that are done (check-first rule)
+    losses: list[list[float]]
+    counts: list[int]
+
+
+def _eps(unet, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, max_rows: int | None):
+    """ε for a batch of rows, in calls of at most `max_rows` rows, as float32 (guidance amplifies
+    rounding errors of half-precision outputs by w)."""
+    size = max_rows or z.shape[0]
+    parts = []
+    for k in range(0, z.shape[0], size):
+        emb_k = emb[k : k + size].to(unet.dtype)
+        parts.append(predict_noise(unet, z[k : k + size], t, emb_k))
+    return torch.cat(parts).float()
+
+
+def _guided(st: _Step, eps_var: torch.Tensor, rows: torch.Tensor, s: InversionSettings):
+    """ε̃ for `rows`, with the optimized embedding's prediction on the right side of guidance."""
+    fixed = st.eps_fixed[rows]
+    eps_u, eps_c = (fixed, eps_var) if s.optimize == "cond" else (eps_var, fixed)
+    return guide(eps_u, eps_c, s.guidance_scale)
+
+
+def _evaluate(unet, st: _Step, active: list[int], last: bool, s: InversionSettings, calls):
+    """One inner step over the `active` rows, in chunks of `s.max_rows` (each chunk's backward runs
+    before the next chunk's forward, so memory is bounded by the chunk). Accumulates the embeddings'
+    gradients (the caller steps Adam) and returns the rows that stay active."""
+    still = []
+    size = s.max_rows or len(active)
+    for k in range(0, len(active), size):
+        chunk = active[k : k + size]
+        idx = torch.tensor(chunk, device=st.latent.device)
+        with torch.set_grad_enabled(not last):
+            emb = torch.cat([st.emb[b] for b in chunk]).to(unet.dtype)
+            eps_var = predict_noise(unet, st.latent[idx], st.t, emb).float()
+            z_prev = ddim_step(st.latent[idx], _guided(st, eps_var, idx, s), *st.alphas)
+            loss = (z_prev.float() - st.target[idx]).pow(2).flatten(1).mean(1)
+        calls["forward"] += len(chunk)
+        values = loss.tolist()
+        below = [v < st.threshold for v in values]
+        for b, v in zip(chunk, values):
+            st.losses[b].append(v)
+        if s.update_rule == "check-first":  # rows below the threshold are done: keep z_prev
+            update = [] if last else [j for j, ok in enumerate(below) if not ok]
+            for j, b in enumerate(chunk):
+                if j not in update:
+                    st.z_next[b] = z_prev[j].detach()
+        else:  # "reference": update every active row, then drop those that were below
+            update = list(range(len(chunk)))
+        if update:
+            loss[update].sum().backward()
+            calls["backward"] += len(chunk)  # the backward runs through the whole chunk
+            for j, b in enumerate(chunk):
+                if j in update:
+                    st.counts[b] += 1
+                else:
+                    st.emb[b].grad = None  # no Adam step for rows that are done
+        still += [b for j, b in enumerate(chunk) if j in update and not below[j]]
+    return still
+
+
+def _optimize(unet, prep: _Prepared, latent, s: InversionSettings, progress: bool):
+    """Steps 2 and 3 of Algorithm 1 for B images in lockstep. Returns per step: the optimized
+    embedding of each image (1, L, D), losses, updates and step errors; and the UNet row counts."""
+    schedule, pivots = prep.schedule, prep.pivots
+    n, batch = len(schedule), prep.cond.shape[0]
+    calls = {"forward": 0, "backward": 0}
+    if s.optimize == "cond":  # optimize C_b of each image, ∅ fixed
+        fixed = prep.null.expand(batch, -1, -1)
+        prev = [c.detach().float() for c in prep.cond.split(1)]
+    else:  # optimize ∅_t of each image from encoder(""), C fixed
+        fixed = prep.cond
+        prev = [prep.null.detach().float()] * batch
+    out = {"emb": [], "losses": [], "counts": [], "errors": []}
+    for i in tqdm(range(n), desc="null-text optimization", disable=not progress):
+        t = schedule.timesteps[i]
+        with torch.no_grad():
+            eps_fixed = _eps(unet, latent, t, fixed, s.max_rows)  # once per step for all rows
+        calls["forward"] += batch
+        st = _Step(
+            latent=latent,
+            t=t,
+            alphas=schedule.alphas(i),
+            eps_fixed=eps_fixed,
+            target=pivots[n - 1 - i].float(),
+            threshold=s.epsilon + i * s.epsilon_growth,
+            emb=[e.clone().requires_grad_(True) for e in prev],  # ∅_t starts from ∅_{t+1}
+            z_next=latent.clone(),
+            losses=[[] for _ in range(batch)],
+            counts=[0] * batch,
+        )
+        opt = torch.optim.Adam(st.emb, lr=s.effective_lr * (1.0 - i / 100.0))  # per-row state
+        active = list(range(batch))
+        for k in range(s.max_updates + 1):
+            last = k == s.max_updates
+            if not active or (last and s.update_rule == "reference"):
+                break
+            active = _evaluate(unet, st, active, last, s, calls)
+            opt.step()  # rows without a gradient are skipped
+            opt.zero_grad(set_to_none=True)
+        if s.update_rule == "reference":  # advance z̄ with the final embeddings, all rows
+            with torch.no_grad():
+                eps_var = _eps(unet, latent, t, torch.cat(st.emb), s.max_rows)
+                rows = torch.arange(batch, device=latent.device)
+                st.z_next = ddim_step(latent, _guided(st, eps_var, rows, s), *st.alphas)
+            calls["forward"] += batch
+        latent = st.z_next.detach().to(pivots[-1].dtype)
+        prev = [e.detach() for e in st.emb]
+        out["emb"].append(prev)
+        out["losses"].append(st.losses)
+        out["counts"].append(st.counts)
+        out["errors"].append((latent.float() - st.target).pow(2).flatten(1).mean(1).tolist())
+    return out, calls
+
+
+def batched_null_text_inversion(
+    pipe: StableDiffusionPipeline,
+    images: Sequence[ImageLike] | torch.Tensor,
+    prompts: Sequence[str],
+    settings: InversionSettings = InversionSettings(),
+    start_latents: torch.Tensor | None = None,
+    progress: bool = True,
+) -> list[InversionResult]:
+    """Null-text inversion (Mokady et al. 2023, Algorithm 1) of B images at once (see the module
+    docstring for the steps).
+
+    Args:
+        pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
+        images (sequence of images, or `torch.Tensor`): B images (loaded and resized to the model's
+            resolution), or their latents z_0, (B, C, h, w).
+        prompts (`Sequence[str]`): the source prompt P of each image.
+        settings (`InversionSettings`): the paper's by default; also chooses the update rule, a
+            shorter optimizer schedule, a global ∅ (``per_timestep=False``), optimizing C instead
+            of ∅ (``optimize="cond"``), rows per UNet call and CUDA autocast.
+        start_latents (`torch.Tensor`, *optional*): start from these z̄_T, (B, C, h, w), instead of
+            the pivots z*_T; the targets stay the pivots.
+        progress (`bool`, defaults to `True`): show tqdm bars.
+
+    Returns:
+        `list[InversionResult]`, one per image, method ``"null-text"`` (``"cond-text"`` when C is
+        optimized: ∅ = encoder("") then, and `cond_offsets` holds C_t - C). `losses[i]` holds the
+        losses of step i's evaluations, `inner_steps[i]` its Adam updates, `step_errors` the MSE of
+        z̄_{t-1} to the pivot. `timings` and `unet_calls` are the whole batch's (see
+        :class:`~nti_utils.result.InversionResult`), with ``timings["batch_size"] = B``.
+    """
+    s, unet = settings, pipe.unet
+    if s.autocast is not None and unet.device.type != "cuda":
+        raise ValueError(f"autocast={s.autocast!r} needs CUDA, the UNet is on {unet.device}")
+    amp = torch.autocast("cuda", _AUTOCAST[s.autocast]) if s.autocast else nullcontext()
+    with frozen(unet):
+        # pivots in the weights' own precision; autocast only for the optimization
+        prep = _prepare(pipe, images, prompts, s, progress)
+        latent_T = prep.pivots[-1]
+        if start_latents is not None:
+            if start_latents.shape != latent_T.shape:
+                raise ValueError(
+                    f"start_latents must be {tuple(latent_T.shape)} like the images' latents, got "
+                    f"{tuple(start_latents.shape)}"
+                )
+            latent_T = start_latents.to(latent_T)
+        t0 = time.perf_counter()
+        with amp:
+            out, calls = _optimize(unet, prep, latent_T, s, progress)
+        prep.timings["optimization"] = time.perf_counter() - t0
+    n = len(prep.schedule)
+    results = []
+    for b, prompt in enumerate(prompts):
+        emb = torch.stack([step[b] for step in out["emb"]])  # (N, 1, L, D), float32
+        if not s.per_timestep:  # a global embedding: the last one, at every step
+            emb = emb[-1:].expand(n, -1, -1, -1)
+        offsets = None
+        if s.optimize == "cond":
+            offsets = (emb - prep.cond[b : b + 1].float()).to(unet.dtype).contiguous()
+            nulls = prep.null.expand(n, -1, -1).unsqueeze(1)
+        else:
+            nulls = emb
+        result = InversionResult.for_pipeline(
+            pipe,
+            latent_T=latent_T[b : b + 1].detach(),
+            null_embeddings=nulls.to(unet.dtype).contiguous(),
+            prompt=prompt,
+            method="cond-text" if s.optimize == "cond" else "null-text",
+            settings=s,
+            losses=[step[b] for step in out["losses"]],
+            inner_steps=[step[b] for step in out["counts"]],
+            timings=dict(prep.timings),
+            pivots=[p[b : b + 1] for p in prep.pivots],
+            step_errors=[step[b] for step in out["errors"]],
+            unet_calls=dict(calls),
+            cond_offsets=offsets,
+        )
+        results.append(result)
+    return results
 
 
 def null_text_inversion(
@@ -220,91 +350,30 @@ def null_text_inversion(
     start_latent: torch.Tensor | None = None,
     progress: bool = True,
 ) -> InversionResult:
-    """Null-text inversion (Mokady et al. 2023, Algorithm 1).
-
-    ``settings.optimize == "cond"`` runs the same loop on the source prompt's embedding C_t instead,
-    with ∅ = encoder("") fixed (the paper's textual-inversion-style ablation, method ``"cond-text"``).
+    """Null-text inversion (Mokady et al. 2023, Algorithm 1) of one image: the core,
+    :func:`batched_null_text_inversion`, with a batch of one.
 
     Args:
         pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
         image (image-like or `torch.Tensor`): a real image (loaded and resized to the model's
             resolution) or its latents z_0, (1, C, h, w).
         prompt (`str`): the source prompt P describing the image.
-        settings (`InversionSettings`): defaults are the paper's; ``per_timestep=False`` optimizes
-            one global null embedding instead (the paper's ablation).
-        start_latent (`torch.Tensor`, *optional*): start from this z̄_T instead of the pivot z*_T
-            (the paper's "random pivot" ablation passes Gaussian noise). The targets stay the pivots.
+        settings (`InversionSettings`): defaults are the paper's (see its fields for the options).
+        start_latent (`torch.Tensor`, *optional*): start from this z̄_T, (1, C, h, w), instead of the
+            pivot z*_T; the targets stay the pivots.
         progress (`bool`, defaults to `True`): show tqdm bars.
 
     Returns:
-        :class:`InversionResult` with method ``"null-text"`` (``"cond-text"`` with
+        :class:`~nti_utils.result.InversionResult` with method ``"null-text"`` (``"cond-text"`` with
         ``settings.optimize == "cond"``).
 
-    Per timestep the UNet runs once for ε(z̄_t, t, C) and once per inner step for ε(z̄_t, t, ∅_t)
-    with a backward pass to ∅_t only (the weights are frozen). The loss is checked *before* each
-    Adam update: when it is below the threshold, that forward pass already gives z̄_{t-1} and no
-    extra UNet call is needed; otherwise, after the last update, one more forward pass does.
+    With the default check-first rule, per timestep the UNet runs once for ε(z̄_t, t, C) and once
+    per evaluation for ε(z̄_t, t, ∅_t), with a backward pass to ∅_t per update: when the loss is below
+    the threshold, that forward pass already gives z̄_{t-1} and no extra UNet call is needed.
     """
-    s = settings
-    # 1. pivots z*_0..z*_N from DDIM inversion at w = 1
-    schedule, cond, null, pivots, timings = _prepare(pipe, image, prompt, s, progress)
-    unet = pipe.unet
-    t0 = time.perf_counter()
-    latent = pivots[-1] if start_latent is None else start_latent.to(pivots[-1])  # z̄_T
-    opt_cond = s.optimize == "cond"
-    fixed, null_t = (null, cond) if opt_cond else (cond, null)  # null_t: the embedding optimized
-    null_t = null_t.detach().clone()  # ∅ initialized from encoder("") (or C from encoder(P))
-    nulls, losses, counts, errors = [], [], [], []
-    calls = {"forward": 0, "backward": 0}
-    n = len(schedule)
-    # 2. for t = T..1, optimize ∅_t so that the guided step from z̄_t lands on the pivot z*_{t-1}
-    with frozen(unet):
-        for i in tqdm(range(n), desc="null-text optimization", disable=not progress):
-            t = schedule.timesteps[i]
-            alpha_t, alpha_prev = schedule.alphas(i)
-            target = pivots[n - 1 - i].float()
-            threshold = s.epsilon + i * s.epsilon_growth
-            with torch.no_grad():
-                eps_fixed = predict_noise(unet, latent, t, fixed)  # ε(z̄_t, t, C): once per step
-                # (ε(z̄_t, t, ∅) when C is the one optimized)
-            calls["forward"] += 1
-            null_t = null_t.detach().clone().requires_grad_(True)  # ∅_t starts from ∅_{t+1}
-            opt = torch.optim.Adam([null_t], lr=s.lr * (1.0 - i / 100.0))
-            step_losses: list[float] = []
-            z_next = None
-            for k in range(s.inner_steps + 1):
-                eps_var = predict_noise(unet, latent, t, null_t)  # ε(z̄_t, t, ∅_t)
-                calls["forward"] += 1
-                eps_u, eps_c = (eps_fixed, eps_var) if opt_cond else (eps_var, eps_fixed)
-                z_prev = ddim_step(
-                    latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev
-                )
-                loss = F.mse_loss(z_prev.float(), target)
-                step_losses.append(loss.item())
-                if step_losses[-1] < threshold or k == s.inner_steps:
-                    z_next = z_prev.detach()  # 3. z̄_{t-1} with the current ∅_t, no extra call
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                calls["backward"] += 1
-                opt.step()
-            latent = z_next
-            errors.append(F.mse_loss(latent.float(), target).item())
-            nulls.append(null_t.detach())
-            losses.append(step_losses)
-            counts.append(len(step_losses) - 1)  # Adam updates
-    if not s.per_timestep:
-        nulls = [nulls[-1]] * n
-    offsets = None
-    if opt_cond:
-        offsets = torch.stack([c - cond for c in nulls]).detach()
-        nulls = [null] * n
-    timings["optimization"] = time.perf_counter() - t0
-    result = _result(pipe, "cond-text" if opt_cond else "null-text", prompt, s,
-                     latent_T=pivots[-1] if start_latent is None else start_latent, nulls=nulls,
-                     pivots=pivots, timings=timings, losses=losses, counts=counts)  # fmt: skip
-    result.step_errors, result.unet_calls, result.cond_offsets = errors, calls, offsets
-    return result
+    return batched_null_text_inversion(
+        pipe, _single(image), [prompt], settings, start_latent, progress
+    )[0]
 
 
 def reconstruct(
@@ -324,135 +393,14 @@ def reconstruct(
     cond = embed_prompts(pipe, result.prompt)
     dev = pipe.unet.device
     nulls = [u.to(dev) for u in result.uncond_per_step()]
-    out = sample(pipe.unet, result.latent_T.to(dev), cond, schedule, w, nulls, progress=progress,
-                 cond_offsets=result.cond_offsets_per_step())  # fmt: skip
-    return out.latents
-
-
-# ------------------------------------------------------------------------------ save / load
-def check_compatible(result: InversionResult, pipe: StableDiffusionPipeline) -> None:
-    """Raise a `ValueError` if `result` was made with another model or scheduler."""
-    problems = []
-    if result.model_fingerprint and result.model_fingerprint != model_fingerprint(pipe):
-        problems.append(
-            f"it was made with model {result.model_id!r} (fingerprint {result.model_fingerprint}), "
-            f"this pipeline is {model_id(pipe)!r} ({model_fingerprint(pipe)})"
-        )
-    if result.scheduler_hash and result.scheduler_hash != scheduler_hash(pipe.scheduler):
-        problems.append("its scheduler settings differ from this pipeline's")
-    shape = tuple(result.null_embeddings.shape[-2:])
-    want = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
-    if shape != want:
-        problems.append(f"its null embeddings are {shape}, this model's are {want}")
-    if problems:
-        raise ValueError(
-            "this inversion does not match the pipeline: "
-            + "; ".join(problems)
-            + ". Load the model it was made with, or invert the image again with this one."
-        )
-
-
-def save_inversion(result: InversionResult, path: str | Path, overwrite: bool = False) -> Path:
-    """Write `result` to a `.safetensors` file with its settings and model identity as metadata.
-
-    Raises:
-        FileExistsError: if `path` exists and `overwrite` is False.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    n = max((len(x) for x in result.losses), default=0)
-    losses = torch.full((len(result.losses), n), float("nan"))
-    for i, row in enumerate(result.losses):
-        losses[i, : len(row)] = torch.tensor(row)
-    tensors = {
-        "latent_T": result.latent_T.detach().cpu().contiguous(),
-        "null_embeddings": result.null_embeddings.detach().cpu().contiguous(),
-        "losses": losses,
-        "inner_steps": torch.tensor(result.inner_steps, dtype=torch.int64),
-    }
-    if result.cond_offsets is not None:
-        tensors["cond_offsets"] = result.cond_offsets.detach().cpu().contiguous()
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "prompt": result.prompt,
-        "method": result.method,
-        "settings": json.dumps(asdict(result.settings)),
-        "timings": json.dumps(result.timings),
-        "model_id": result.model_id,
-        "model_fingerprint": result.model_fingerprint,
-        "scheduler_hash": result.scheduler_hash,
-        "num_steps": str(result.settings.num_steps),
-        "guidance_scale": str(result.settings.guidance_scale),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    _sort_header(tmp)
-    tmp.replace(path)
-    return path
-
-
-def _sort_header(path: Path) -> None:
-    """Rewrite a safetensors header as sorted JSON (safetensors writes its metadata in a random
-    order), so that saving the same result twice gives the same bytes."""
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
-
-
-def load_inversion(
-    path: str | Path,
-    pipe: StableDiffusionPipeline | None = None,
-    num_steps: int | None = None,
-) -> InversionResult:
-    """Read a result written by :func:`save_inversion`.
-
-    Args:
-        pipe (`StableDiffusionPipeline`, *optional*): if given, the result must match its model and
-            scheduler (else `ValueError`), and tensors are moved to its device and dtype.
-        num_steps (`int`, *optional*): if given, the result must have this many DDIM steps.
-    """
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no saved inversion at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} is not an nti_utils inversion (format {meta.get('format_version')})"
-        )
-    tensors = load_file(str(path))
-    settings = InversionSettings(**json.loads(meta["settings"]))
-    losses = [[v for v in row.tolist() if v == v] for row in tensors["losses"]]
-    result = InversionResult(
-        latent_T=tensors["latent_T"],
-        null_embeddings=tensors["null_embeddings"],
-        prompt=meta["prompt"],
-        method=meta["method"],
-        settings=settings,
-        losses=losses,
-        inner_steps=tensors["inner_steps"].tolist(),
-        timings=json.loads(meta["timings"]),
-        model_id=meta["model_id"],
-        model_fingerprint=meta["model_fingerprint"],
-        scheduler_hash=meta["scheduler_hash"],
-        cond_offsets=tensors.get("cond_offsets"),
+    out = sample(
+        pipe.unet,
+        result.latent_T.to(dev),
+        cond,
+        schedule,
+        w,
+        nulls,
+        progress=progress,
+        cond_offsets=result.cond_offsets_per_step(),
     )
-    if num_steps is not None and num_steps != settings.num_steps:
-        raise ValueError(
-            f"{path} was inverted with {settings.num_steps} DDIM steps, not {num_steps}; invert "
-            "again with the step count you want to sample with"
-        )
-    if pipe is not None:
-        check_compatible(result, pipe)
-        dev, dt = pipe.unet.device, pipe.unet.dtype
-        result.latent_T = result.latent_T.to(dev, dt)
-        result.null_embeddings = result.null_embeddings.to(dev, dt)
-        if result.cond_offsets is not None:
-            result.cond_offsets = result.cond_offsets.to(dev, dt)
-    return result
+    return out.latents

@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -173,3 +175,16 @@ def embed_prompts(pipe: StableDiffusionPipeline, prompts: str | list[str]) -> to
     with torch.no_grad():
         emb = pipe.text_encoder(ids, attention_mask=mask)[0]
     return emb.to(dtype=pipe.unet.dtype)
+
+
+@contextmanager
+def frozen(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Turn off `requires_grad` on a module's weights for the block (gradients then flow to the
+    inputs only, which is all null-text optimization needs), restoring the flags afterwards."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)

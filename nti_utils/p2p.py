@@ -35,8 +35,8 @@ from nti_utils.attention import (
 )
 from nti_utils.ddim import DDIMSchedule, sample
 from nti_utils.images import latents_to_pil
-from nti_utils.inversion import InversionResult, check_compatible
 from nti_utils.models import embed_prompts
+from nti_utils.result import InversionResult, check_compatible
 
 Steps = float | tuple[float, float]
 
@@ -205,8 +205,15 @@ class Reweight(AttentionEdit):
         Other arguments as :class:`AttentionEdit` (taken from `base` when it is given).
     """
 
-    def __init__(self, tokenizer, prompts, num_steps, equalizer: torch.Tensor,
-                 base: AttentionEdit | None = None, **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        tokenizer,
+        prompts,
+        num_steps,
+        equalizer: torch.Tensor,
+        base: AttentionEdit | None = None,
+        **kwargs,
+    ) -> None:
         if base is not None:
             kwargs = dict(
                 cross_replace_steps=1.0, self_replace_steps=(0.0, 0.0), local_blend=base.local_blend
@@ -308,6 +315,95 @@ class LocalBlend:
         return latents[:1] + mask * (latents - latents[:1])
 
 
+EDITS = ("replace", "refine")
+"""The edits :func:`build_controller` makes: a word swap (:class:`Replace`) or a refinement
+(:class:`Refine`)."""
+
+
+def build_controller(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_steps: int,
+    *,
+    edit: str = "replace",
+    cross_replace_steps: Steps | dict[str, Steps] = 0.8,
+    self_replace_steps: Steps = 0.4,
+    self_replace_max_side: int | None = None,
+    blend_words: Sequence[Sequence[str]] | None = None,
+    blend_threshold: float = 0.3,
+    blend_resolution: int | None = None,
+    reweight: dict[str, float] | None = None,
+) -> AttentionEdit:
+    """Build a Prompt-to-Prompt controller from plain settings: a :class:`Replace` or
+    :class:`Refine`, with a :class:`LocalBlend` and a :class:`Reweight` on top when asked for.
+
+    This is the one place where settings become a controller (the batch command, the ablation panel
+    and the shapes-world recipes all call it).
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the pipeline's tokenizer.
+        prompts (`Sequence[str]`): source first, then targets.
+        num_steps (`int`): DDIM steps of the inversion to edit.
+        edit (`str`, defaults to ``"replace"``): ``"replace"`` (word swap, prompts aligned token for
+            token) or ``"refine"`` (words added or changed).
+        cross_replace_steps (`float`, `(start, end)` or `dict`, defaults to 0.8): when targets take
+            the source's cross-attention, see :func:`cross_replace_alphas`.
+        self_replace_steps (`float` or `(start, end)`, defaults to 0.4): when targets take the
+            source's self-attention.
+        self_replace_max_side (`int`, *optional*): only layers at most this large get self-attention
+            injection; defaults to the map resolution (see :class:`AttentionEdit`).
+        blend_words (`Sequence[Sequence[str]]`, *optional*): words per prompt (source first) for a
+            :class:`LocalBlend`; none (or empty) for no blend.
+        blend_threshold (`float`, defaults to 0.3): the blend mask's threshold.
+        blend_resolution (`int`, *optional*): the map resolution the blend mask is built from;
+            defaults to the controller's map resolution.
+        reweight (`dict[str, float]`, *optional*): target word -> factor for a :class:`Reweight`
+            wrapping the edit; none (or empty) for no re-weighting.
+
+    Returns:
+        `AttentionEdit`: the controller, to pass to :func:`edit`.
+
+    Raises:
+        ValueError: if `edit` is not one of :data:`EDITS`, or the prompts do not fit the edit (a
+            replace whose target does not align token for token, a blend or reweight word that is
+            not in its prompt).
+
+    Example:
+
+    ```py
+    >>> ctrl = build_controller(
+    ...     pipe.tokenizer,
+    ...     ["a red circle on a white background", "a red square on a white background"],
+    ...     50,
+    ...     blend_words=[["circle"], ["square"]],
+    ... )
+    >>> out = edit(pipe, inversion, ctrl.prompts, ctrl)
+    ```
+    """
+    if edit not in EDITS:
+        raise ValueError(f"`edit` must be one of {EDITS}, got {edit!r}")
+    prompts = list(prompts)
+    local_blend = None
+    if blend_words:
+        local_blend = LocalBlend(
+            blend_words, tokenizer, prompts, threshold=blend_threshold, resolution=blend_resolution
+        )
+    cls = Replace if edit == "replace" else Refine
+    ctrl: AttentionEdit = cls(
+        tokenizer,
+        prompts,
+        num_steps,
+        cross_replace_steps=cross_replace_steps,
+        self_replace_steps=self_replace_steps,
+        self_replace_max_side=self_replace_max_side,
+        local_blend=local_blend,
+    )
+    if reweight:
+        eq = equalizer(tokenizer, prompts, reweight)
+        ctrl = Reweight(tokenizer, prompts, num_steps, eq, base=ctrl)
+    return ctrl
+
+
 @dataclass
 class EditOutput:
     """What :func:`edit` returns: images (source reconstruction first), their latents (P, C, h, w),
@@ -358,6 +454,15 @@ def edit(
     nulls = [u.to(dev, pipe.unet.dtype) for u in inversion.uncond_per_step()]
     controller.begin(len(prompts), tuple(latents.shape[2:]))
     with controlled_attention(pipe.unet, controller):
-        out = sample(pipe.unet, latents, cond, schedule, w, nulls, callback=controller.step_end,
-                     progress=progress, cond_offsets=inversion.cond_offsets_per_step())  # fmt: skip
+        out = sample(
+            pipe.unet,
+            latents,
+            cond,
+            schedule,
+            w,
+            nulls,
+            callback=controller.step_end,
+            progress=progress,
+            cond_offsets=inversion.cond_offsets_per_step(),
+        )
     return EditOutput(latents_to_pil(pipe, out.latents), out.latents, prompts, controller)

@@ -57,8 +57,14 @@ def curves(
         ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
     for name, y in (hlines or {}).items():
         ax.axhline(y, linestyle="--", color="gray", linewidth=1)
-        ax.annotate(name, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8,
-                    va="bottom", color="gray")  # fmt: skip
+        ax.annotate(
+            name,
+            (0.01, y),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            va="bottom",
+            color="gray",
+        )
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)

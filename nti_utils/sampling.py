@@ -71,6 +71,15 @@ def generate(
         callback = controller.step_end
     ctx = controlled_attention(pipe.unet, controller) if controller is not None else nullcontext()
     with ctx:
-        out = sample(pipe.unet, latents, cond, schedule, guidance_scale, null, callback=callback,
-                     keep_trajectory=keep_trajectory, progress=progress)  # fmt: skip
+        out = sample(
+            pipe.unet,
+            latents,
+            cond,
+            schedule,
+            guidance_scale,
+            null,
+            callback=callback,
+            keep_trajectory=keep_trajectory,
+            progress=progress,
+        )
     return Generated(latents_to_pil(pipe, out.latents), out)

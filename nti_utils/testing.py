@@ -3,17 +3,39 @@
 Used by the test suite and handy for trying code paths quickly: same classes as Stable Diffusion
 (`AutoencoderKL`, `CLIPTextModel` + `CLIPTokenizer`, `UNet2DConditionModel`, `DDIMScheduler`), with
 cross-attention at two resolutions and sizes chosen so nothing coincides with SD's or the embedded
-model's (16 tokens, 32-dim text, 32x32 images, 16x16 latents).
+model's (16 tokens, 32-dim text, 32x32 images, 16x16 latents): the config
+:data:`~nti_utils.shapes.model.TINY_TEST`, built by the builders of :mod:`nti_utils.shapes.model`.
 """
 
 from __future__ import annotations
 
-import torch
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+import dataclasses
 
-from nti_utils.models import sd_ddim_scheduler
+import torch
+from diffusers import StableDiffusionPipeline
+
+from nti_utils.shapes.model import (
+    TINY_TEST,
+    ModelConfig,
+    assemble_pipeline,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+)
 from nti_utils.shapes.tokenizer import build_tokenizer
+
+
+def tiny_config(
+    image_size: int = 32, max_tokens: int = 16, latent_size: int | None = None
+) -> ModelConfig:
+    """:data:`~nti_utils.shapes.model.TINY_TEST` at another image size or token length (the
+    arguments of :func:`tiny_pipeline`)."""
+    return dataclasses.replace(
+        TINY_TEST,
+        resolution=image_size,
+        max_tokens=max_tokens,
+        unet_sample_size=latent_size,
+    )
 
 
 def tiny_pipeline(
@@ -27,54 +49,14 @@ def tiny_pipeline(
         max_tokens (`int`, defaults to 16): tokenizer's padded length L.
         latent_size (`int`, *optional*): UNet sample size; defaults to ``image_size // 2``.
     """
+    cfg = tiny_config(image_size, max_tokens, latent_size)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(max_tokens)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size or image_size // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=image_size,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=max_tokens,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=sd_ddim_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    tokenizer = build_tokenizer(cfg.max_tokens)
+    # keep this order (UNet, VAE, text encoder): it fixes which random weights a seed gives
+    unet = build_unet(cfg)
+    vae = build_vae(cfg)
+    text_encoder = build_text_encoder(cfg, tokenizer)
+    pipe = assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())
     # Tame the random weights so the model behaves like a trained one where the tests need it:
     # an untrained UNet predicts O(1) noise that jumps with z and t (DDIM inversion then fails even
     # at w = 1), so its output layer is scaled down; the VAE's scaling factor is set so latents of

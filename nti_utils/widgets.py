@@ -20,10 +20,20 @@ import ipywidgets as W
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from nti_utils.inversion import InversionResult, InversionSettings, null_text_inversion
+from nti_utils.inversion import null_text_inversion
 from nti_utils.metrics import psnr
-from nti_utils.p2p import LocalBlend, Replace, Reweight, edit, equalizer
-from nti_utils.shapes.edits import EditCase, score_edit
+from nti_utils.result import InversionResult, InversionSettings
+from nti_utils.shapes.edits import RECIPES, EditCase, EditRecipe, edit_case
+
+RECIPE_CONTROLS = {
+    "cross_replace": "cross_replace_steps",
+    "self_replace": "self_replace_steps",
+    "blend": "blend",
+    "blend_threshold": "blend_threshold",
+    "blend_finest": "blend_finest",
+    "self_replace_finest": "self_replace_finest",
+}
+"""Panel control -> the :class:`~nti_utils.shapes.edits.EditRecipe` field it sets."""
 
 
 def _png(image: Image.Image, scale: int = 3) -> bytes:
@@ -36,6 +46,11 @@ def _png(image: Image.Image, scale: int = 3) -> bytes:
 class AblationPanel:
     """Interactive ablation of inversion and editing settings on shapes-world edit cases.
 
+    The edit controls start at the chosen case kind's :data:`~nti_utils.shapes.edits.RECIPES`
+    entry (what the benchmark runs), and choosing another case resets them to its kind's recipe
+    (and the target-word weight to 1); the inversion controls start at
+    :class:`~nti_utils.result.InversionSettings`' defaults.
+
     Args:
         pipe (`StableDiffusionPipeline`): the model.
         cases (`Sequence[EditCase]`): edits to choose from (see
@@ -45,8 +60,9 @@ class AblationPanel:
 
     Attributes:
         controls (`dict[str, ipywidgets.Widget]`): by name: ``case``, ``guidance``, ``inner_steps``,
-            ``epsilon``, ``cross_replace``, ``self_replace``, ``blend``, ``blend_threshold``,
-            ``reweight``.
+            ``epsilon``, the recipe's (:data:`RECIPE_CONTROLS`: ``cross_replace``,
+            ``self_replace``, ``blend``, ``blend_threshold``, ``blend_finest``,
+            ``self_replace_finest``), and ``reweight``.
         run_button (`ipywidgets.Button`), images (`list[ipywidgets.Image]`),
         metrics (`ipywidgets.HTML`), widget (`ipywidgets.VBox`): the whole panel.
         last_metrics (`dict[str, float]`): numbers of the latest run.
@@ -62,12 +78,8 @@ class AblationPanel:
     ) -> None:
         if not cases:
             raise ValueError("give at least one edit case")
-        self.pipe, self.cases, self.num_steps, self.progress = (
-            pipe,
-            list(cases),
-            num_steps,
-            progress,
-        )
+        self.pipe, self.cases = pipe, list(cases)
+        self.num_steps, self.progress = num_steps, progress
         self._inversions: dict[tuple, InversionResult] = {}
         self.last_metrics: dict[str, float] = {}
         self.runs = 0
@@ -77,32 +89,40 @@ class AblationPanel:
         def slider(cls, desc, **kw):
             return cls(description=desc, style=style, layout=layout, continuous_update=False, **kw)
 
+        def checkbox(desc):
+            return W.Checkbox(value=False, description=desc, style=style)
+
         options = [
             (f"{c.kind}: {c.source_word} -> {c.target_word} ({i})", i) for i, c in enumerate(cases)
         ]
+        inv = InversionSettings()
         self.controls: dict[str, W.Widget] = {
             "case": W.Dropdown(
                 options=options, value=0, description="edit", style=style, layout=layout
-            ),  # fmt: skip
-            "guidance": slider(W.FloatSlider, "guidance w", value=7.5, min=1.0, max=12.0, step=0.5),
-            "inner_steps": slider(W.IntSlider, "inner steps N", value=10, min=0, max=20),
+            ),
+            "guidance": slider(
+                W.FloatSlider, "guidance w", value=inv.guidance_scale, min=1.0, max=12.0, step=0.5
+            ),
+            "inner_steps": slider(
+                W.IntSlider, "inner steps N", value=inv.inner_steps, min=0, max=20
+            ),
             "epsilon": slider(
-                W.FloatLogSlider, "early-stop epsilon", value=1e-5, base=10, min=-7, max=-2
-            ),  # fmt: skip
-            "cross_replace": slider(
-                W.FloatSlider, "cross-attn replace", value=0.8, min=0, max=1, step=0.05
-            ),  # fmt: skip
-            "self_replace": slider(
-                W.FloatSlider, "self-attn replace", value=0.4, min=0, max=1, step=0.05
-            ),  # fmt: skip
-            "blend": W.Checkbox(value=True, description="LocalBlend", style=style),
+                W.FloatLogSlider, "early-stop epsilon", value=inv.epsilon, base=10, min=-7, max=-2
+            ),
+            "cross_replace": slider(W.FloatSlider, "cross-attn replace", min=0, max=1, step=0.05),
+            "self_replace": slider(W.FloatSlider, "self-attn replace", min=0, max=1, step=0.05),
+            "self_replace_finest": checkbox("self-attn to finest"),
+            "blend": checkbox("LocalBlend"),
             "blend_threshold": slider(
-                W.FloatSlider, "blend threshold", value=0.3, min=0.05, max=0.95, step=0.05
-            ),  # fmt: skip
+                W.FloatSlider, "blend threshold", min=0.05, max=0.95, step=0.05
+            ),
+            "blend_finest": checkbox("blend on finest maps"),
             "reweight": slider(
                 W.FloatSlider, "target-word weight", value=1.0, min=0.0, max=4.0, step=0.25
-            ),  # fmt: skip
+            ),
         }
+        self.reset_recipe()
+        self.controls["case"].observe(lambda _: self.reset_recipe(), names="value")
         self.run_button = W.Button(description="Run", button_style="primary")
         self.run_button.on_click(lambda _: self.run())
         self.status = W.Label("")
@@ -110,13 +130,32 @@ class AblationPanel:
         captions = ["input", "reconstruction", "edited", "ground truth"]
         tiles = [W.VBox([W.Label(c), im]) for c, im in zip(captions, self.images)]
         self.metrics = W.HTML()
-        self.widget = W.VBox(
-            [
-                W.VBox(list(self.controls.values())),
-                W.HBox([self.run_button, self.status]),
-                W.HBox(tiles),
-                self.metrics,
-            ]  # fmt: skip
+        controls = W.VBox(list(self.controls.values()))
+        buttons = W.HBox([self.run_button, self.status])
+        self.widget = W.VBox([controls, buttons, W.HBox(tiles), self.metrics])
+
+    @property
+    def case(self) -> EditCase:
+        """The chosen edit case."""
+        return self.cases[int(self.controls["case"].value)]
+
+    def reset_recipe(self) -> None:
+        """Set the edit controls to the chosen case kind's recipe (and no re-weighting)."""
+        recipe = RECIPES[self.case.kind]
+        for name, field in RECIPE_CONTROLS.items():
+            self.controls[name].value = getattr(recipe, field)
+        self.controls["reweight"].value = 1.0
+
+    def recipe(self) -> EditRecipe:
+        """The edit recipe from the controls."""
+        c = self.controls
+        return EditRecipe(
+            cross_replace_steps=float(c["cross_replace"].value),
+            self_replace_steps=float(c["self_replace"].value),
+            blend=bool(c["blend"].value),
+            blend_threshold=float(c["blend_threshold"].value),
+            blend_finest=bool(c["blend_finest"].value),
+            self_replace_finest=bool(c["self_replace_finest"].value),
         )
 
     def settings(self) -> InversionSettings:
@@ -134,32 +173,24 @@ class AblationPanel:
         if key not in self._inversions:
             case = self.cases[case_index]
             self._inversions[key] = null_text_inversion(
-                self.pipe, case.source.render(), case.source.caption(), settings,
+                self.pipe,
+                case.source.render(),
+                case.source.caption(),
+                settings,
                 progress=self.progress,
-            )  # fmt: skip
+            )
         return self._inversions[key]
 
     def run(self) -> dict[str, float]:
         """Invert (cached) and edit with the current control values; update images and metrics."""
-        c = self.controls
         self.status.value = "running..."
-        case = self.cases[int(c["case"].value)]
-        settings = self.settings()
-        inv = self._inversion(int(c["case"].value), settings)
-        tok, prompts = self.pipe.tokenizer, case.prompts
-        blend = None
-        if c["blend"].value and case.kind != "background":
-            blend = LocalBlend(
-                case.blend_words, tok, prompts, threshold=float(c["blend_threshold"].value)
-            )
-        ctrl = Replace(tok, prompts, self.num_steps, cross_replace_steps=float(c["cross_replace"].value),
-                       self_replace_steps=float(c["self_replace"].value), local_blend=blend)  # fmt: skip
-        if float(c["reweight"].value) != 1.0:
-            eq = equalizer(tok, prompts, {case.target_word: float(c["reweight"].value)})
-            ctrl = Reweight(tok, prompts, self.num_steps, eq, base=ctrl)
-        out = edit(self.pipe, inv, prompts, ctrl, progress=self.progress)
+        case = self.case
+        inv = self._inversion(int(self.controls["case"].value), self.settings())
+        weight = float(self.controls["reweight"].value)
+        out, score = edit_case(
+            self.pipe, inv, case, self.recipe(), progress=self.progress, target_weight=weight
+        )
         source = case.source.render()
-        score = score_edit(case, out.images[1], source)
         self.last_metrics = {
             "psnr_reconstruction": psnr(source, out.images[0]),
             "edit_success": float(score.success),
@@ -167,9 +198,8 @@ class AblationPanel:
             "psnr_outside_edit": score.psnr_outside,
             "inversion_seconds": sum(inv.timings.values()),
         }
-        for widget, img in zip(
-            self.images, [source, out.images[0], out.images[1], case.target.render()]
-        ):
+        shown = [source, out.images[0], out.images[1], case.target.render()]
+        for widget, img in zip(self.images, shown):
             widget.value = _png(img)
         rows = "".join(
             f"<tr><td>{k}</td><td>{v:.3f}</td></tr>" for k, v in self.last_metrics.items()

@@ -8,14 +8,12 @@ from safetensors.torch import load_file, save_file
 
 from nti_utils.images import image_to_latents
 from nti_utils.inversion import (
-    InversionSettings,
     ddim_inversion,
-    load_inversion,
     negative_prompt_inversion,
     null_text_inversion,
     reconstruct,
-    save_inversion,
 )
+from nti_utils.result import InversionSettings, load_inversion, save_inversion
 from nti_utils.testing import tiny_pipeline
 
 PROMPT = "a red circle on a white background"
@@ -47,8 +45,8 @@ def test_null_text_result_contents(nti):
     assert [len(row) - 1 for row in nti.losses] == nti.inner_steps
     assert len(nti.step_errors) == n
     # one ε(C) per step, one ε(∅) per evaluation, one backward per update
-    assert nti.unet_calls == {"forward": n + sum(len(r) for r in nti.losses),
-                              "backward": sum(nti.inner_steps)}  # fmt: skip
+    forward = n + sum(len(r) for r in nti.losses)
+    assert nti.unet_calls == {"forward": forward, "backward": sum(nti.inner_steps)}
     assert {"encode", "ddim_inversion", "optimization"} <= set(nti.timings)
     assert len(nti.pivots) == n + 1
     # each timestep's embedding starts from the previous one, so they differ but stay related
@@ -176,7 +174,7 @@ def test_edit_adds_the_conditional_offsets_to_every_prompt(tiny_pipe, small_scen
 def test_settings_and_sampler_refuse_bad_values(tiny_pipe):
     from nti_utils.ddim import DDIMSchedule, sample
 
-    with pytest.raises(ValueError, match="optimize must be"):
+    with pytest.raises(ValueError, match="optimize must be one of"):
         InversionSettings(optimize="weights")
     sched = DDIMSchedule.from_scheduler(tiny_pipe.scheduler, 3)
     z, c = torch.zeros(1, 4, 16, 16), torch.zeros(1, 16, 32)

@@ -12,9 +12,18 @@ from nti_utils.attention import (
     default_map_resolution,
 )
 from nti_utils.ddim import DDIMSchedule, sample
-from nti_utils.inversion import InversionSettings, null_text_inversion
+from nti_utils.inversion import null_text_inversion
 from nti_utils.models import embed_prompts
-from nti_utils.p2p import LocalBlend, Refine, Replace, Reweight, edit, equalizer
+from nti_utils.p2p import (
+    LocalBlend,
+    Refine,
+    Replace,
+    Reweight,
+    build_controller,
+    edit,
+    equalizer,
+)
+from nti_utils.result import InversionSettings
 
 SRC = "a red circle on a white background"
 SWAP = "a red square on a white background"
@@ -31,8 +40,8 @@ def inverted(tiny_pipe, small_scene):
 def _plain(pipe, inv, prompts):
     sched = DDIMSchedule.from_scheduler(pipe.scheduler, STEPS)
     z = inv.latent_T.expand(len(prompts), -1, -1, -1)
-    return sample(pipe.unet, z, embed_prompts(pipe, prompts), sched, 7.5, inv.uncond_per_step(),
-                  progress=False).latents  # fmt: skip
+    cond, nulls = embed_prompts(pipe, prompts), inv.uncond_per_step()
+    return sample(pipe.unet, z, cond, sched, 7.5, nulls, progress=False).latents
 
 
 class RecordEverything(AttentionController):
@@ -50,8 +59,9 @@ def test_controller_that_edits_nothing_reproduces_the_sampler(tiny_pipe, inverte
     everything = RecordEverything()
     out2 = edit(tiny_pipe, inverted, prompts, controller=everything, progress=False)
     assert (out2.latents - ref).abs().max().item() < 1e-5
-    zero_window = Replace(tiny_pipe.tokenizer, prompts, STEPS, cross_replace_steps=0.0,
-                          self_replace_steps=0.0)  # fmt: skip
+    zero_window = Replace(
+        tiny_pipe.tokenizer, prompts, STEPS, cross_replace_steps=0.0, self_replace_steps=0.0
+    )
     out3 = edit(tiny_pipe, inverted, prompts, controller=zero_window, progress=False)
     assert (out3.latents - ref).abs().max().item() < 1e-5
 
@@ -76,8 +86,8 @@ def test_restoring_processors_leaves_the_model_as_before(tiny_pipe):
     before = dict(tiny_pipe.unet.attn_processors)
     with pytest.raises(RuntimeError, match="boom"):
         with controlled_attention(tiny_pipe.unet, AttentionStore()):
-            assert all(type(p).__name__ == "ControlledAttnProcessor"
-                       for p in tiny_pipe.unet.attn_processors.values())  # fmt: skip
+            processors = tiny_pipe.unet.attn_processors.values()
+            assert all(type(p).__name__ == "ControlledAttnProcessor" for p in processors)
             raise RuntimeError("boom")
     after = tiny_pipe.unet.attn_processors
     assert after.keys() == before.keys()
@@ -117,8 +127,9 @@ def test_refine_alignment_maps_kept_tokens_to_the_source(tiny_pipe):
 
 
 def test_replace_gives_targets_the_source_cross_attention(tiny_pipe, inverted):
-    ctrl = Replace(tiny_pipe.tokenizer, [SRC, SWAP], STEPS, cross_replace_steps=1.0,
-                   self_replace_steps=0.0)  # fmt: skip
+    ctrl = Replace(
+        tiny_pipe.tokenizer, [SRC, SWAP], STEPS, cross_replace_steps=1.0, self_replace_steps=0.0
+    )
     out = edit(tiny_pipe, inverted, [SRC, SWAP], ctrl, progress=False)
     maps = ctrl.maps(16)
     torch.testing.assert_close(maps[1], maps[0])
@@ -146,8 +157,8 @@ def test_reweight_composes_with_refine_and_local_blend(tiny_pipe, inverted):
 
 def test_edit_checks_step_counts(tiny_pipe, inverted):
     with pytest.raises(ValueError, match="built for 10 steps"):
-        edit(tiny_pipe, inverted, [SRC, SWAP], Replace(tiny_pipe.tokenizer, [SRC, SWAP], 10),
-             progress=False)  # fmt: skip
+        ctrl = Replace(tiny_pipe.tokenizer, [SRC, SWAP], 10)
+        edit(tiny_pipe, inverted, [SRC, SWAP], ctrl, progress=False)
 
 
 def test_reweight_scales_the_chosen_words_after_the_base_edit(tiny_pipe):
@@ -162,3 +173,71 @@ def test_reweight_scales_the_chosen_words_after_the_base_edit(tiny_pipe):
     sq = word_token_indices(tok, ADD, "square")
     want[..., sq] *= 3.0
     torch.testing.assert_close(ctrl.replace_cross(source, target), want)
+
+
+def _same_controller(a, b) -> None:
+    """Two controllers do the same edit: class, windows, mappers, blend and equalizer."""
+    assert type(a) is type(b) and a.prompts == b.prompts and a.num_steps == b.num_steps
+    assert torch.equal(a.cross_alphas, b.cross_alphas) and a.self_window == b.self_window
+    assert a.self_replace_max_side == b.self_replace_max_side
+    for name in ("mapper", "token_alphas", "equalizer"):
+        if hasattr(a, name):
+            assert torch.equal(getattr(a, name), getattr(b, name))
+    assert (a.local_blend is None) == (b.local_blend is None)
+    if a.local_blend is not None:
+        la, lb = a.local_blend, b.local_blend
+        assert torch.equal(la.alpha, lb.alpha)
+        assert (la.threshold, la.resolution) == (lb.threshold, lb.resolution)
+    if isinstance(a, Reweight):
+        assert (a.base is None) == (b.base is None)
+        if a.base is not None:
+            _same_controller(a.base, b.base)
+
+
+def test_build_controller_builds_what_the_classes_build(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    swap, add = [SRC, SWAP], [SRC, ADD]
+    _same_controller(build_controller(tok, swap, STEPS), Replace(tok, swap, STEPS))
+    built = build_controller(
+        tok,
+        add,
+        STEPS,
+        edit="refine",
+        cross_replace_steps={"default_": 0.8, "square": (0.0, 0.4)},
+        self_replace_steps=(0.1, 0.5),
+        self_replace_max_side=16,
+    )
+    want = Refine(
+        tok,
+        add,
+        STEPS,
+        cross_replace_steps={"default_": 0.8, "square": (0.0, 0.4)},
+        self_replace_steps=(0.1, 0.5),
+        self_replace_max_side=16,
+    )
+    _same_controller(built, want)
+    words = [["circle"], ["square"]]
+    built = build_controller(
+        tok,
+        swap,
+        STEPS,
+        blend_words=words,
+        blend_threshold=0.5,
+        blend_resolution=16,
+        reweight={"square": 2.0},
+    )
+    blend = LocalBlend(words, tok, swap, threshold=0.5, resolution=16)
+    base = Replace(tok, swap, STEPS, local_blend=blend)
+    want = Reweight(tok, swap, STEPS, equalizer(tok, swap, {"square": 2.0}), base=base)
+    _same_controller(built, want)
+    assert built.local_blend is not None and built.base.local_blend is None  # the wrapper blends
+    # empty blend words and re-weightings add nothing
+    _same_controller(
+        build_controller(tok, swap, STEPS, blend_words=[], reweight={}), Replace(tok, swap, STEPS)
+    )
+    with pytest.raises(ValueError, match="`edit` must be one of"):
+        build_controller(tok, swap, STEPS, edit="swap")
+    with pytest.raises(ValueError, match="use a refinement edit"):
+        build_controller(tok, add, STEPS)
+    with pytest.raises(ValueError, match="not in prompt"):
+        build_controller(tok, swap, STEPS, reweight={"triangle": 2.0})

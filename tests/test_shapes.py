@@ -121,19 +121,44 @@ def test_training_runs_end_to_end_and_resumes(tmp_path):
     ]
     train.main([*args, "--out", str(tmp_path / "out")])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "out")
-    assert pipe.vae.config.scaling_factor != 0.18215  # measured from the latents
+    log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
+    (cache,) = [row for row in log if row["phase"] == "cache"]
+    # the scaling factor is measured from the latents: 1 / their std
+    assert cache["scaling_factor"] == pytest.approx(1 / cache["latent_std"])
+    assert pipe.vae.config.scaling_factor == pytest.approx(cache["scaling_factor"])
     assert (tmp_path / "w" / "samples" / "step_000002.png").exists()
     train.main([*args[:-4], "--unet-steps", "3", "--sample-every", "100", "--ckpt-every", "1"])
     log = [json.loads(line) for line in open(tmp_path / "w" / "log.jsonl")]
     assert torch.load(tmp_path / "w" / "state.pt", weights_only=False)["step"] == 3
-    assert any(row.get("phase") == "unet" for row in log)
+    # the rerun resumed: no second VAE phase, one more UNet step evaluated at both guidance scales
+    assert sum("held_out_psnr" in row for row in log) == 1
+    evals = [(row["step"], row["guidance"]) for row in log if "eval" in row]
+    assert evals == [(2, 1.0), (2, 7.5), (3, 1.0), (3, 7.5)]
     # continue from the exported folder in a fresh workdir, with cross-attention supervision
     w2 = [*args[:1], str(tmp_path / "w2"), *args[2:]]
     train.main([*w2, "--init-from", str(tmp_path / "out"), "--attn-weight", "0.5"])
     state = torch.load(tmp_path / "w2" / "state.pt", weights_only=False)
     assert state["phase"] == "done" and state["step"] == 2
-    rows = [json.loads(line) for line in open(tmp_path / "w2" / "log.jsonl")]
-    assert "attention_inside" in [r for r in rows if "eval" in r][-1]["eval"]
     assert (tmp_path / "w2" / "attn_targets.npz").exists()
-    for k, v in pipe.vae.state_dict().items():  # the VAE is kept as it was
+    rows = [json.loads(line) for line in open(tmp_path / "w2" / "log.jsonl")]
+    assert not any(row["phase"] == "vae" for row in rows)
+    for k, v in pipe.vae.state_dict().items():  # the VAE is kept as it was, its scale too
         assert torch.equal(state["vae"][k], v)
+    assert state["scaling_factor"] == pipe.vae.config.scaling_factor
+
+
+def test_corrupted_captions_keep_the_grammar_and_change_words_at_the_asked_rate():
+    from nti_utils.shapes.train import corrupt_caption
+    from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, parse_caption
+
+    caption = "a red circle and a blue square on a white background"
+    rng = np.random.default_rng(0)
+    assert corrupt_caption(caption, 0.0, rng) == caption
+    changed = 0
+    for _ in range(400):
+        noisy = corrupt_caption(caption, 0.2, rng)
+        (obj1, obj2), bg = parse_caption(noisy)  # still a caption of the world's grammar
+        assert {obj1[0], obj2[0]} <= set(OBJECT_COLORS) and bg in BACKGROUNDS
+        assert {obj1[1], obj2[1]} <= set(SHAPES)
+        changed += sum(a != b for a, b in zip(caption.split(), noisy.split()))
+    assert changed / (400 * 5) == pytest.approx(0.2, abs=0.03)  # 5 attribute words each

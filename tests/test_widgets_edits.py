@@ -2,21 +2,26 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from nti_utils.attention import cross_attention_resolutions, finest_map_resolution
+from nti_utils.inversion import null_text_inversion
+from nti_utils.p2p import Replace, Reweight, edit
+from nti_utils.result import InversionSettings
 from nti_utils.shapes.edits import (
     EDIT_KINDS,
     RECIPES,
     EditRecipe,
     EditScore,
+    edit_case,
     edit_controller,
     edit_rates,
     make_edit,
     score_edit,
 )
 from nti_utils.shapes.world import scene_from_seed
-from nti_utils.widgets import AblationPanel
+from nti_utils.widgets import RECIPE_CONTROLS, AblationPanel
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS)
@@ -55,6 +60,29 @@ def test_panel_runs_on_click_and_reacts_to_controls(tiny_pipe):
     assert "psnr_reconstruction" in panel.metrics.value
 
 
+def test_panel_starts_at_the_recipe_and_resets_to_it_per_case(tiny_pipe):
+    scene = scene_from_seed(1, n_objects=1, resolution=32)
+    cases = [make_edit(scene, kind, np.random.default_rng(0)) for kind in EDIT_KINDS]
+    panel = AblationPanel(tiny_pipe, cases, num_steps=3)
+    c = panel.controls
+
+    def shown():
+        return {field: c[name].value for name, field in RECIPE_CONTROLS.items()}
+
+    assert shown() == {f: getattr(RECIPES["shape"], f) for f in RECIPE_CONTROLS.values()}
+    assert panel.recipe() == RECIPES["shape"] and c["reweight"].value == 1.0
+    settings = InversionSettings(num_steps=3)
+    assert panel.settings() == settings  # the inversion's defaults
+    c["cross_replace"].value, c["blend"].value, c["reweight"].value = 1.0, False, 2.0
+    assert panel.recipe() != RECIPES["shape"]
+    for i in (1, 2, 0):  # each switch resets the edit controls to the new case's recipe
+        c["case"].value = i
+        assert panel.case.kind == EDIT_KINDS[i] and panel.recipe() == RECIPES[EDIT_KINDS[i]]
+        assert c["reweight"].value == 1.0
+        c["self_replace"].value, c["reweight"].value = 0.0, 3.0
+    assert RECIPES["color"].blend_finest and not RECIPES["shape"].blend_finest
+
+
 def test_edit_controller_follows_the_kinds_recipe(tiny_pipe, small_scene):
     res = cross_attention_resolutions(tiny_pipe.unet)
     finest = max(res["down"] + res["up"])
@@ -65,23 +93,53 @@ def test_edit_controller_follows_the_kinds_recipe(tiny_pipe, small_scene):
         recipe = RECIPES[kind]
         ctrl = edit_controller(case, tiny_pipe, 10)
         # the windows of the recipe, in steps: cross-attention taken for the first k steps
-        taken = ctrl.cross_alphas[:, 0, 1].tolist()
-        assert taken == [1.0] * int(recipe.cross_replace_steps * 10) + [0.0] * (
-            10 - int(recipe.cross_replace_steps * 10)
-        )
+        k = int(recipe.cross_replace_steps * 10)
+        assert ctrl.cross_alphas[:, 0, 1].tolist() == [1.0] * k + [0.0] * (10 - k)
         assert ctrl.self_window == (0, int(recipe.self_replace_steps * 10))
         assert ctrl.self_replace_max_side == (finest if recipe.self_replace_finest else None)
         assert (ctrl.local_blend is not None) == (recipe.blend and kind != "background")
         if ctrl.local_blend is not None:
             assert ctrl.local_blend.resolution == (finest if recipe.blend_finest else None)
     custom = EditRecipe(1.0, 0.0, blend=False)
-    ctrl = edit_controller(make_edit(small_scene, "shape", rng), tiny_pipe, 10, custom)
+    case = make_edit(small_scene, "shape", rng)
+    ctrl = edit_controller(case, tiny_pipe, 10, custom)
+    assert type(ctrl) is Replace
     assert ctrl.local_blend is None and bool(ctrl.cross_alphas[:, 0, 1].all())
+    weighted = edit_controller(case, tiny_pipe, 10, target_weight=2.0)
+    assert type(weighted) is Reweight and type(weighted.base) is Replace
+    target = case.target.caption().split().index(case.target_word) + 1  # after <bos>
+    n_tokens = tiny_pipe.tokenizer.model_max_length
+    assert weighted.equalizer[0, target] == 2.0 and weighted.equalizer.sum() == n_tokens + 1.0
+
+
+def test_edit_case_edits_with_the_recipe_and_scores_the_edit(tiny_pipe, small_scene):
+    case = make_edit(small_scene, "color", np.random.default_rng(0))
+    settings = InversionSettings(num_steps=3, inner_steps=1)
+    inv = null_text_inversion(
+        tiny_pipe, small_scene.render(), case.prompts[0], settings, progress=False
+    )
+    out, score = edit_case(tiny_pipe, inv, case)
+    ctrl = edit_controller(case, tiny_pipe, 3)
+    want = edit(tiny_pipe, inv, case.prompts, ctrl, progress=False)
+    assert out.prompts == case.prompts and torch.equal(out.latents, want.latents)
+    assert score == score_edit(case, want.images[1], small_scene.render())
+    other, _ = edit_case(
+        tiny_pipe, inv, case, EditRecipe(1.0, 1.0, blend=False), guidance_scale=1.0
+    )
+    assert not torch.equal(other.latents, out.latents)
 
 
 def test_edit_rates_aggregate_scores():
-    scores = [EditScore(True, 20.0, 30.0), EditScore(True, 20.0, 24.0), EditScore(False, 10.0, 26.0),
-              EditScore(False, 10.0, 20.0)]  # fmt: skip
-    r = edit_rates(scores)
-    assert r == {"n": 4, "success": 0.5, "psnr_outside_mean": 25.0, "psnr_outside_ge_25": 0.5,
-                 "success_and_ge_25": 0.25}  # fmt: skip
+    scores = [
+        EditScore(True, 20.0, 30.0),
+        EditScore(True, 20.0, 24.0),
+        EditScore(False, 10.0, 26.0),
+        EditScore(False, 10.0, 20.0),
+    ]
+    assert edit_rates(scores) == {
+        "n": 4,
+        "success": 0.5,
+        "psnr_outside_mean": 25.0,
+        "psnr_outside_ge_25": 0.5,
+        "success_and_ge_25": 0.25,
+    }

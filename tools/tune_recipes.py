@@ -1,7 +1,7 @@
 """Choose the embedded model's Prompt-to-Prompt settings per edit kind on held-out scenes.
 
-Inverts `--n` held-out scenes (numbered from 10,003,000: neither the benchmark's, the evaluator's,
-the tests' nor the notebooks') once with null-text inversion, caches the results, then edits each
+Inverts `--n` held-out scenes (numbered from :data:`nti_utils.shapes.seeds.TUNING`: neither the
+benchmark's, the evaluator's, the tests' nor the notebooks') once with null-text inversion, caches the results, then edits each
 with every recipe of a small grid and prints success rate, PSNR outside the edit region (the
 background; the object for background swaps) and how often success and >= 25 dB there hold
 together, best first. This is how :data:`nti_utils.shapes.edits.RECIPES` was chosen (the grids
@@ -13,41 +13,38 @@ below are the last round of each search; the model card of ``data/toy-sd`` gives
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from nti_utils.inversion import (
-    InversionSettings,
-    load_inversion,
-    null_text_inversion,
-    save_inversion,
-)
+from nti_utils.inversion import null_text_inversion
 from nti_utils.models import load_pipeline
-from nti_utils.p2p import edit
-from nti_utils.shapes.edits import (
-    RECIPES,
-    EditRecipe,
-    edit_controller,
-    edit_rates,
-    make_edit,
-    score_edit,
-)
-from nti_utils.shapes.train import HELD_OUT_SEED
+from nti_utils.result import InversionSettings, load_inversion, save_inversion
+from nti_utils.shapes.edits import RECIPES, EditRecipe, edit_case, edit_rates, make_edit
+from nti_utils.shapes.seeds import TUNING
 from nti_utils.shapes.world import scene_from_seed
 
-TUNING_SEED = HELD_OUT_SEED + 3000
-
 GRIDS = {
-    "shape": dict(cross_replace_steps=[0.2, 0.4], self_replace_steps=[0.6, 0.8],
-                  blend_threshold=[0.3, 0.5], self_replace_finest=[True]),
-    "color": dict(cross_replace_steps=[0.6, 0.8, 1.0], self_replace_steps=[0.4, 0.6, 0.8],
-                  self_replace_finest=[True]),
-    "background": dict(cross_replace_steps=[0.6, 0.8, 1.0], self_replace_steps=[0.4, 0.6, 0.8],
-                       self_replace_finest=[True]),
-}  # fmt: skip
+    "shape": {
+        "cross_replace_steps": [0.2, 0.4],
+        "self_replace_steps": [0.6, 0.8],
+        "blend_threshold": [0.3, 0.5],
+        "self_replace_finest": [True],
+    },
+    "color": {
+        "cross_replace_steps": [0.6, 0.8, 1.0],
+        "self_replace_steps": [0.4, 0.6, 0.8],
+        "self_replace_finest": [True],
+    },
+    "background": {
+        "cross_replace_steps": [0.6, 0.8, 1.0],
+        "self_replace_steps": [0.4, 0.6, 0.8],
+        "self_replace_finest": [True],
+    },
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     settings = InversionSettings(num_steps=args.steps)
     cases, inversions = [], []
     for i in tqdm(range(args.n), desc="inversions"):
-        scene = scene_from_seed(TUNING_SEED + i, n_objects=1)
+        scene = scene_from_seed(TUNING + i, n_objects=1)
         cases.append(make_edit(scene, args.kind, np.random.default_rng(i)))
-        path = args.cache / f"{TUNING_SEED + i}-{args.steps}.safetensors"
+        path = args.cache / f"{TUNING + i}-{args.steps}.safetensors"
         if path.exists():
             inversions.append(load_inversion(path, pipe, args.steps))
         else:
@@ -78,16 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     grid = GRIDS[args.kind]
     base = RECIPES[args.kind]
     recipes = [
-        EditRecipe(**{**base.__dict__, **dict(zip(grid, values))})
+        dataclasses.replace(base, **dict(zip(grid, values)))
         for values in itertools.product(*grid.values())
     ]
     rows = []
     for r in tqdm(recipes, desc="recipes"):
-        scores = []
-        for case, inv in zip(cases, inversions):
-            out = edit(pipe, inv, case.prompts, edit_controller(case, pipe, args.steps, r),
-                       progress=False)  # fmt: skip
-            scores.append(score_edit(case, out.images[1], case.source.render()))
+        scores = [edit_case(pipe, inv, case, r)[1] for case, inv in zip(cases, inversions)]
         rows.append((edit_rates(scores), r))
         tqdm.write(_line(*rows[-1]))
     # a background swap changes everything but the object, so "outside" is the object alone and
@@ -101,9 +94,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _line(rates: dict, recipe: EditRecipe) -> str:
-    return (f"both {rates['success_and_ge_25']:.2f}  success {rates['success']:.2f}  "
-            f"bg>=25 {rates['psnr_outside_ge_25']:.2f}  bg {rates['psnr_outside_mean']:5.1f} dB  "
-            f"{recipe}")  # fmt: skip
+    return (
+        f"both {rates['success_and_ge_25']:.2f}  success {rates['success']:.2f}  "
+        f"bg>=25 {rates['psnr_outside_ge_25']:.2f}  bg {rates['psnr_outside_mean']:5.1f} dB  "
+        f"{recipe}"
+    )
 
 
 if __name__ == "__main__":

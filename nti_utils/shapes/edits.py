@@ -15,7 +15,8 @@ from PIL import Image
 
 from nti_utils.attention import finest_map_resolution
 from nti_utils.metrics import psnr
-from nti_utils.p2p import LocalBlend, Replace
+from nti_utils.p2p import AttentionEdit, EditOutput, build_controller, edit
+from nti_utils.result import InversionResult
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, Scene, edit_region
 
@@ -110,33 +111,48 @@ RECIPES: dict[str, EditRecipe] = {
     "background": EditRecipe(0.8, 0.8, blend=False, self_replace_finest=True),
 }
 """The embedded model's settings per edit kind, chosen with ``tools/tune_recipes.py`` on 16
-held-out scenes (numbered from 10,003,000: not the benchmark's, the evaluator's, the tests' or the
-notebooks'); what they give is measured by ``python -m nti_utils.bench``."""
+held-out scenes (numbered from :data:`~nti_utils.shapes.seeds.TUNING`: not the benchmark's, the
+evaluator's, the tests' or the notebooks'); what they give is measured by ``python -m nti_utils.bench``."""
 
 
 def edit_controller(
-    case: EditCase, pipe, num_steps: int, recipe: EditRecipe | None = None
-) -> Replace:
+    case: EditCase,
+    pipe,
+    num_steps: int,
+    recipe: EditRecipe | None = None,
+    target_weight: float = 1.0,
+) -> AttentionEdit:
     """The Prompt-to-Prompt controller for `case`: a :class:`~nti_utils.p2p.Replace` with the
-    case kind's :data:`RECIPES` entry (or `recipe`).
+    case kind's :data:`RECIPES` entry (or `recipe`), built by
+    :func:`~nti_utils.p2p.build_controller`.
 
     Args:
         case (`EditCase`): the edit.
         pipe: the pipeline (its tokenizer, and its UNet for the finest map resolution).
         num_steps (`int`): DDIM steps of the inversion to edit.
         recipe (`EditRecipe`, *optional*): overrides the kind's recipe.
+        target_weight (`float`, defaults to 1.0): factor on the target word's cross-attention
+            (a :class:`~nti_utils.p2p.Reweight` around the swap); 1 re-weights nothing.
+
+    Returns:
+        `AttentionEdit`: a `Replace`, or a `Reweight` wrapping one when `target_weight` is not 1.
     """
     r = recipe or RECIPES[case.kind]
-    tok = pipe.tokenizer
     finest = finest_map_resolution(pipe.unet)
-    blend = None
-    if r.blend and case.kind != "background":
-        blend = LocalBlend(case.blend_words, tok, case.prompts, threshold=r.blend_threshold,
-                           resolution=finest if r.blend_finest else None)  # fmt: skip
-    return Replace(tok, case.prompts, num_steps, cross_replace_steps=r.cross_replace_steps,
-                   self_replace_steps=r.self_replace_steps,
-                   self_replace_max_side=finest if r.self_replace_finest else None,
-                   local_blend=blend)  # fmt: skip
+    blend = r.blend and case.kind != "background"
+    return build_controller(
+        pipe.tokenizer,
+        case.prompts,
+        num_steps,
+        edit="replace",
+        cross_replace_steps=r.cross_replace_steps,
+        self_replace_steps=r.self_replace_steps,
+        self_replace_max_side=finest if r.self_replace_finest else None,
+        blend_words=case.blend_words if blend else None,
+        blend_threshold=r.blend_threshold,
+        blend_resolution=finest if r.blend_finest else None,
+        reweight={case.target_word: target_weight} if target_weight != 1.0 else None,
+    )
 
 
 @dataclass(frozen=True)
@@ -190,3 +206,42 @@ def score_edit(case: EditCase, edited: Image.Image, source_image: Image.Image) -
         psnr_target=psnr(edited, case.target.render()),
         psnr_outside=psnr(edited, source_image, mask=outside) if outside.any() else float("nan"),
     )
+
+
+def edit_case(
+    pipe,
+    inversion: InversionResult,
+    case: EditCase,
+    recipe: EditRecipe | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = False,
+    *,
+    target_weight: float = 1.0,
+    source_image: Image.Image | None = None,
+) -> tuple[EditOutput, EditScore]:
+    """Edit an inverted shapes-world scene with its case's recipe and score the result: the one
+    invert -> edit -> score step of the evaluator, the benchmark, the recipe tuner and the panel.
+
+    Args:
+        pipe: the pipeline `inversion` was made with.
+        inversion (`InversionResult`): the inverted source scene (``case.source`` rendered, with
+            its caption as the prompt); its step count is the edit's.
+        case (`EditCase`): the edit.
+        recipe (`EditRecipe`, *optional*): defaults to the case kind's :data:`RECIPES` entry.
+        guidance_scale (`float`, *optional*): defaults to the inversion's w.
+        progress (`bool`, defaults to `False`): show a tqdm bar while sampling.
+        target_weight (`float`, defaults to 1.0): see :func:`edit_controller`.
+        source_image (`PIL.Image.Image`, *optional*): the image that was inverted, which
+            :func:`score_edit` compares the edit with outside the edit region; defaults to
+            ``case.source.render()``.
+
+    Returns:
+        `tuple[EditOutput, EditScore]`: the edit (``images[0]`` the source reconstruction,
+        ``images[1]`` the edited image) and the edited image's score.
+    """
+    ctrl = edit_controller(case, pipe, inversion.settings.num_steps, recipe, target_weight)
+    out = edit(
+        pipe, inversion, case.prompts, ctrl, guidance_scale=guidance_scale, progress=progress
+    )
+    image = source_image if source_image is not None else case.source.render()
+    return out, score_edit(case, out.images[1], image)

@@ -1,7 +1,8 @@
 """Measure the embedded model against its quality bars: ``python -m nti_utils.shapes.evaluate``.
 
 Prints a table and writes the numbers as JSON (``--out``). What is measured, on held-out scenes
-(numbered from :data:`~nti_utils.shapes.train.HELD_OUT_SEED`, never trained on):
+(numbered from :data:`~nti_utils.shapes.seeds.HELD_OUT_SEED`, never trained on, each measure its
+own block of :mod:`~nti_utils.shapes.seeds`):
 
 1. VAE round-trip PSNR on rendered images (the paper's "VAE upper bound"), and how local its
    latents are (:func:`latent_locality`).
@@ -31,15 +32,22 @@ from tqdm.auto import tqdm
 from nti_utils.attention import AttentionStore, default_map_resolution
 from nti_utils.ddim import DDIMSchedule, invert, sample
 from nti_utils.images import decode, encode, pil_to_tensor
-from nti_utils.inversion import InversionSettings, null_text_inversion
+from nti_utils.inversion import null_text_inversion
 from nti_utils.metrics import psnr
 from nti_utils.models import embed_prompts, load_pipeline
-from nti_utils.p2p import edit
+from nti_utils.result import InversionSettings
 from nti_utils.sampling import generate
 from nti_utils.shapes.attn_loss import shape_attention_inside
-from nti_utils.shapes.edits import edit_controller, edit_rates, make_edit, score_edit
+from nti_utils.shapes.edits import edit_case, edit_rates, make_edit
 from nti_utils.shapes.score import score_caption
-from nti_utils.shapes.train import HELD_OUT_SEED, single_object_prompts
+from nti_utils.shapes.seeds import (
+    INVERSION_STORY,
+    LOCALITY,
+    SHAPE_SWAPS,
+    TRAINER_CHECK,
+    TWO_OBJECTS,
+)
+from nti_utils.shapes.train import single_object_prompts
 from nti_utils.shapes.world import scene_from_seed
 
 DEFAULT_GUIDANCE = 7.5
@@ -47,7 +55,7 @@ DEFAULT_GUIDANCE = 7.5
 
 def vae_psnr(pipe, n: int = 200, batch: int = 50) -> float:
     """Mean PSNR of decode(encode(x)) over `n` held-out renders."""
-    scenes = [scene_from_seed(HELD_OUT_SEED + i) for i in range(n)]
+    scenes = [scene_from_seed(TRAINER_CHECK + i) for i in range(n)]
     vals = []
     for i in range(0, n, batch):
         imgs = [s.render() for s in scenes[i : i + batch]]
@@ -64,7 +72,7 @@ def latent_locality(pipe, n: int = 30) -> float:
     source's latents outside a mask (the model card of ``data/toy-sd`` has what we measured)."""
     diffs = []
     for i in range(n):
-        scene = scene_from_seed(HELD_OUT_SEED + 4000 + i, n_objects=1)
+        scene = scene_from_seed(LOCALITY + i, n_objects=1)
         case = make_edit(scene, "color", np.random.default_rng(i))
         z = encode(pipe.vae, pil_to_tensor([scene.render(), case.target.render()]))
         region = torch.from_numpy(case.region)[None, None].float()
@@ -90,8 +98,13 @@ def adherence(pipe, prompts, guidance, seed, steps, batch, progress=True):
         maps = store.maps(res)
         for j, (img, prompt) in enumerate(zip(out.images, chunk)):
             s = score_caption(img, prompt)
-            row = {"prompt": prompt, "background": s.background, "color": all(s.colors),
-                   "shape": all(s.shapes), "count": s.count}  # fmt: skip
+            row = {
+                "prompt": prompt,
+                "background": s.background,
+                "color": all(s.colors),
+                "shape": all(s.shapes),
+                "count": s.count,
+            }
             inside = shape_attention_inside(maps[j], pipe.tokenizer, prompt, img)
             if inside is not None:
                 row["attention_inside"] = inside
@@ -101,7 +114,7 @@ def adherence(pipe, prompts, guidance, seed, steps, batch, progress=True):
 
 def inversion_story(pipe, guidance, n=20, steps=50, progress=True):
     """PSNR of DDIM inversion + reconstruction at w = 1 and w = `guidance` on `n` renders."""
-    scenes = [scene_from_seed(HELD_OUT_SEED + 1000 + i) for i in range(n)]
+    scenes = [scene_from_seed(INVERSION_STORY + i) for i in range(n)]
     imgs = [s.render() for s in scenes]
     z0 = encode(pipe.vae, pil_to_tensor(imgs))
     cond = embed_prompts(pipe, [s.caption() for s in scenes])
@@ -117,32 +130,33 @@ def inversion_story(pipe, guidance, n=20, steps=50, progress=True):
     return {k: float(v) for k, v in out.items()}
 
 
-def shape_swaps(pipe, n: int = 20, steps: int = 50, guidance: float = DEFAULT_GUIDANCE,
-                progress: bool = True) -> dict:  # fmt: skip
+def shape_swaps(
+    pipe, n: int = 20, steps: int = 50, guidance: float = DEFAULT_GUIDANCE, progress: bool = True
+) -> dict:
     """Prompt-to-Prompt word swap of the shape word on `n` null-text-inverted held-out renders
-    (:func:`~nti_utils.shapes.edits.edit_controller`: Replace with a LocalBlend on the shape words):
-    success rate of the intended shape change and mean PSNR outside the edit region against the
-    input."""
+    (:func:`~nti_utils.shapes.edits.edit_case` with the shape recipe: Replace with a LocalBlend on
+    the shape words): success rate of the intended shape change and mean PSNR outside the edit
+    region against the input."""
     settings = InversionSettings(num_steps=steps, guidance_scale=guidance)
     rng = np.random.default_rng(0)
     scores = []
     for i in tqdm(range(n), desc="shape swaps", disable=not progress):
-        scene = scene_from_seed(HELD_OUT_SEED + 2000 + i, n_objects=1)
+        scene = scene_from_seed(SHAPE_SWAPS + i, n_objects=1)
         case = make_edit(scene, "shape", rng)
         inv = null_text_inversion(pipe, scene.render(), scene.caption(), settings, progress=False)
-        out = edit(pipe, inv, case.prompts, edit_controller(case, pipe, steps), progress=False)
-        scores.append(score_edit(case, out.images[1], scene.render()))
+        scores.append(edit_case(pipe, inv, case)[1])
     return edit_rates(scores)
 
 
-def evaluate(model="toy", guidance=DEFAULT_GUIDANCE, seeds=3, n_two=60, steps=50, batch=45,
-             progress=True) -> dict:  # fmt: skip
+def evaluate(
+    model="toy", guidance=DEFAULT_GUIDANCE, seeds=3, n_two=60, steps=50, batch=45, progress=True
+) -> dict:
     """All measurements as a dict (see the module docstring)."""
     torch.manual_seed(0)
     pipe = load_pipeline(model, device="cpu")
     t0 = time.perf_counter()
     single = single_object_prompts() * seeds
-    two = [scene_from_seed(HELD_OUT_SEED + 5000 + i, n_objects=2).caption() for i in range(n_two)]
+    two = [scene_from_seed(TWO_OBJECTS + i, n_objects=2).caption() for i in range(n_two)]
     rows1 = adherence(pipe, single, guidance, 0, steps, batch, progress)
     rows2 = adherence(pipe, two, guidance, 1, steps, batch, progress) if n_two else []
 
@@ -201,15 +215,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-two", type=int, default=60, help="two-object samples")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
-    p.add_argument("--swaps", type=int, default=0,
-                   help="only run N Prompt-to-Prompt shape swaps on inverted renders")  # fmt: skip
+    p.add_argument(
+        "--swaps",
+        type=int,
+        default=0,
+        help="only run N Prompt-to-Prompt shape swaps on inverted renders",
+    )
     args = p.parse_args(argv)
     if args.swaps:
         pipe = load_pipeline(args.model, device="cpu")
         r = shape_swaps(pipe, args.swaps, args.steps, args.guidance)
-        print(f"shape swaps on {r['n']} inverted renders: success {r['success']:.2f}, background "
-              f"PSNR {r['psnr_outside_mean']:.1f} dB (>= 25 dB: {r['psnr_outside_ge_25']:.2f}), "
-              f"both: {r['success_and_ge_25']:.2f}")  # fmt: skip
+        print(
+            f"shape swaps on {r['n']} inverted renders: success {r['success']:.2f}, background "
+            f"PSNR {r['psnr_outside_mean']:.1f} dB (>= 25 dB: {r['psnr_outside_ge_25']:.2f}), "
+            f"both: {r['success_and_ge_25']:.2f}"
+        )
     else:
         r = evaluate(args.model, args.guidance, args.seeds, args.n_two, args.steps)
         print(format_table(r))

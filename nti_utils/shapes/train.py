@@ -20,6 +20,11 @@ then ``--init-from`` that model with ``--unet-steps 1500 --unet-lr 3e-4 --warmup
 --attn-weight 0.02``.
 
 The result is saved as a standard diffusers `StableDiffusionPipeline` folder (safetensors).
+
+The model's sizes and builders live in :mod:`nti_utils.shapes.model` (the default
+:data:`~nti_utils.shapes.model.EMBEDDED`; ``--tiny``: :data:`~nti_utils.shapes.model.TINY_TRAINER`),
+the held-out scene numbers in :mod:`nti_utils.shapes.seeds` (the VAE check renders
+:data:`~nti_utils.shapes.seeds.TRAINER_CHECK` on); this module holds the training recipe.
 """
 
 from __future__ import annotations
@@ -37,37 +42,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel
 
 from nti_utils.attention import AttentionStore, controlled_attention, default_map_resolution
 from nti_utils.models import sd_ddim_scheduler
 from nti_utils.sampling import generate
+from nti_utils.shapes import seeds
 from nti_utils.shapes.attn_loss import AttentionSupervision, build_targets, shape_attention_inside
+from nti_utils.shapes.model import (
+    EMBEDDED,
+    TINY_TRAINER,
+    ModelConfig,
+    assemble_pipeline,
+    build_models,
+)
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.tokenizer import build_tokenizer
 from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, make_caption, scene_from_seed
-
-HELD_OUT_SEED = 10_000_000
-"""Scenes numbered from here on are never trained on (evaluation renders)."""
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Sizes of the miniature SD (defaults: the committed embedded model)."""
-
-    resolution: int = 64
-    vae_channels: tuple[int, ...] = (32, 64, 64)  # 3 blocks = 2 downsamplings: 64 -> 16
-    latent_channels: int = 4
-    unet_channels: tuple[int, ...] = (64, 128, 128)
-    unet_down: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-    unet_up: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    text_hidden: int = 128
-    text_layers: int = 2
-    text_heads: int = 4
-    max_tokens: int = 20
 
 
 @dataclass(frozen=True)
@@ -89,56 +83,11 @@ class TrainConfig:
     ema_decay: float = 0.999
     snr_gamma: float = 5.0
     p_uncond: float = 0.1
+    p_wrong: float = 0.0
     attn_weight: float = 0.0
     sample_every: int = 500
     ckpt_every: int = 100
     seed: int = 0
-
-
-def build_models(
-    cfg: ModelConfig, tokenizer: CLIPTokenizer
-) -> tuple[AutoencoderKL, CLIPTextModel, UNet2DConditionModel]:
-    """Randomly initialized VAE, text encoder and UNet of the given sizes."""
-    n = len(cfg.vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=cfg.vae_channels,
-        layers_per_block=1,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=32,
-        sample_size=cfg.resolution,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=cfg.text_hidden,
-            intermediate_size=4 * cfg.text_hidden,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            max_position_embeddings=cfg.max_tokens,
-            projection_dim=cfg.text_hidden,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    latent_size = cfg.resolution // 2 ** (n - 1)
-    unet = UNet2DConditionModel(
-        sample_size=latent_size,
-        in_channels=cfg.latent_channels,
-        out_channels=cfg.latent_channels,
-        down_block_types=cfg.unet_down,
-        up_block_types=cfg.unet_up,
-        block_out_channels=cfg.unet_channels,
-        layers_per_block=1,
-        cross_attention_dim=cfg.text_hidden,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-    return vae, text_encoder, unet
 
 
 def render_dataset(seeds: range, p_two: float = 0.3) -> tuple[np.ndarray, list[str]]:
@@ -175,6 +124,27 @@ def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> 
         return peak * (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
+
+
+_WORD_SETS = (tuple(OBJECT_COLORS), SHAPES, tuple(BACKGROUNDS))
+
+
+def corrupt_caption(caption: str, p_wrong: float, rng: np.random.Generator) -> str:
+    """Replace each attribute word (object color, shape, background) independently with
+    probability `p_wrong` by another word of the same kind, as web captions are sometimes wrong.
+
+    The word count and positions are kept, so token positions (attention targets) stay valid. With
+    such labels the conditional model follows a prompt only partly and classifier-free guidance
+    sharpens it, as in Stable Diffusion.
+    """
+    if p_wrong <= 0:
+        return caption
+    words = caption.split(" ")
+    for i, word in enumerate(words):
+        for kind in _WORD_SETS:
+            if word in kind and rng.random() < p_wrong:
+                words[i] = str(rng.choice([w for w in kind if w != word]))
+    return " ".join(words)
 
 
 def single_object_prompts() -> list[str]:
@@ -215,9 +185,8 @@ class Trainer:
         self.attn_tokens = self.attn_regions = None
         if tcfg.attn_weight > 0:
             self._load_attention_targets()
-        self.held_out, _ = render_dataset(
-            range(HELD_OUT_SEED, HELD_OUT_SEED + tcfg.n_held_out), tcfg.p_two
-        )
+        held_out = range(seeds.TRAINER_CHECK, seeds.TRAINER_CHECK + tcfg.n_held_out)
+        self.held_out, _ = render_dataset(held_out, tcfg.p_two)
         self.rng = np.random.default_rng(tcfg.seed)
         if not self._state_path().exists() and init_from is not None:
             self._init_from(init_from)
@@ -244,9 +213,8 @@ class Trainer:
             tokens, regions = z["tokens"], z["regions"]
         else:
             n_objects = [c.count(" and ") + 1 for c in self.captions]
-            size = self.mcfg.resolution // 2 ** (len(self.mcfg.vae_channels) - 1)
             tokens, regions = build_targets(
-                range(len(self.captions)), n_objects, self.tokenizer, size
+                range(len(self.captions)), n_objects, self.tokenizer, self.mcfg.latent_size
             )
             np.savez(path, tokens=tokens, regions=regions)
         self.attn_tokens = torch.from_numpy(tokens)
@@ -377,7 +345,10 @@ class Trainer:
                     g["lr"] = lr_at(self.step, t.unet_steps, t.unet_lr, t.warmup, t.min_lr_ratio)
                 idx = self.rng.integers(0, len(self.latents), t.unet_batch)
                 drop = self.rng.random(t.unet_batch) < t.p_uncond
-                caps = ["" if d else self.captions[i] for i, d in zip(idx, drop)]
+                caps = [
+                    "" if d else corrupt_caption(self.captions[i], t.p_wrong, self.rng)
+                    for i, d in zip(idx, drop)
+                ]
                 z0 = self.latents[idx]
                 noise = torch.randn_like(z0)
                 ts = torch.randint(0, self.scheduler.config.num_train_timesteps, (t.unet_batch,))
@@ -418,39 +389,48 @@ class Trainer:
 
     def pipeline(self, ema: bool = True) -> StableDiffusionPipeline:
         """The current weights (EMA by default) as a `StableDiffusionPipeline`."""
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.ema_text if ema else self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.ema_unet if ema else self.unet,
-            scheduler=sd_ddim_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+        return assemble_pipeline(
+            self.vae,
+            self.ema_text if ema else self.text_encoder,
+            self.tokenizer,
+            self.ema_unet if ema else self.unet,
         )
 
-    def quick_eval(self, bar: tqdm, guidance: float = 5.0) -> None:
-        """Sample the 45 single-object prompts (25 DDIM steps), score them and the shape word's
-        cross-attention mass inside the object (at the resolution P2P reads), save a grid."""
+    def quick_eval(self, bar: tqdm, guidances: tuple[float, ...] = (1.0, 7.5)) -> None:
+        """Sample the 45 single-object prompts (25 DDIM steps) at each guidance scale, score them
+        (background, color, shape, all right) and, at the last scale, the shape word's
+        cross-attention mass inside the object (at the resolution P2P reads); save that grid."""
         pipe = self.pipeline()
         prompts = single_object_prompts()
-        store = AttentionStore()
-        with torch.no_grad():
-            images = generate(pipe, prompts, 25, guidance, torch.Generator().manual_seed(0),
-                              controller=store, progress=False).images  # fmt: skip
-        maps = store.maps(default_map_resolution(pipe.unet))
-        scores = [score_caption(im, p) for im, p in zip(images, prompts)]
-        inside = [shape_attention_inside(maps[j], pipe.tokenizer, p, im)
-                  for j, (im, p) in enumerate(zip(images, prompts))]  # fmt: skip
-        inside = [v for v in inside if v is not None]
-        row = {
-            "background": float(np.mean([s.background for s in scores])),
-            "color": float(np.mean([s.colors[0] for s in scores])),
-            "shape": float(np.mean([s.shapes[0] for s in scores])),
-            "attention_inside": float(np.mean(inside)) if inside else float("nan"),
-        }
-        self._record(eval=row, guidance=guidance)
-        bar.write(f"UNet step {self.step}: adherence {row}")
+        for guidance in guidances:
+            store = AttentionStore()
+            with torch.no_grad():
+                out = generate(
+                    pipe,
+                    prompts,
+                    25,
+                    guidance,
+                    torch.Generator().manual_seed(0),
+                    controller=store,
+                    progress=False,
+                )
+            images = out.images
+            maps = store.maps(default_map_resolution(pipe.unet))
+            scores = [score_caption(im, p) for im, p in zip(images, prompts)]
+            inside = [
+                shape_attention_inside(maps[j], pipe.tokenizer, p, im)
+                for j, (im, p) in enumerate(zip(images, prompts))
+            ]
+            inside = [v for v in inside if v is not None]
+            row = {
+                "background": float(np.mean([s.background for s in scores])),
+                "color": float(np.mean([s.colors[0] for s in scores])),
+                "shape": float(np.mean([s.shapes[0] for s in scores])),
+                "all": float(np.mean([s.all for s in scores])),
+                "attention_inside": float(np.mean(inside)) if inside else float("nan"),
+            }
+            self._record(eval=row, guidance=guidance)
+            bar.write(f"UNet step {self.step}, w = {guidance}: adherence {row}")
         grid = np.stack([np.asarray(im) for im in images]).reshape(5, 9, 64, 64, 3)
         grid = grid.transpose(0, 2, 1, 3, 4).reshape(5 * 64, 9 * 64, 3)
         (self.workdir / "samples").mkdir(exist_ok=True)
@@ -481,28 +461,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="export the pipeline folder here")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     defaults = TrainConfig()
-    cli_fields = ("n_train", "n_held_out", "vae_steps", "unet_steps", "vae_batch", "unet_batch",
-                  "sample_every", "ckpt_every", "unet_lr", "warmup", "attn_weight")  # fmt: skip
+    cli_fields = (
+        "n_train",
+        "n_held_out",
+        "vae_steps",
+        "unet_steps",
+        "vae_batch",
+        "unet_batch",
+        "sample_every",
+        "ckpt_every",
+        "unet_lr",
+        "warmup",
+        "attn_weight",
+        "p_wrong",
+        "ema_decay",
+        "min_lr_ratio",
+    )
     for field in cli_fields:
         value = getattr(defaults, field)
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
-    p.add_argument("--tiny", action="store_true", help="tiny model sizes (tests of the trainer)")
-    p.add_argument("--init-from", type=Path, default=None,
-                   help="continue from an exported pipeline folder (e.g. data/toy-sd) instead of "
-                        "training from scratch: its VAE is kept, the UNet phase restarts")  # fmt: skip
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the tiny model sizes of nti_utils.shapes.model.TINY_TRAINER (tests of the trainer)",
+    )
+    init_help = (
+        "continue from an exported pipeline folder (e.g. data/toy-sd) instead of training from "
+        "scratch: its VAE is kept, the UNet phase restarts"
+    )
+    p.add_argument("--init-from", type=Path, default=None, help=init_help)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     tcfg = TrainConfig(**{k: getattr(args, k) for k in cli_fields})
-    mcfg = ModelConfig()
-    if args.tiny:
-        mcfg = ModelConfig(
-            vae_channels=(32, 32, 32),
-            unet_channels=(32, 32, 32),
-            text_hidden=32,
-            text_layers=1,
-            text_heads=2,
-        )
+    mcfg = TINY_TRAINER if args.tiny else EMBEDDED
     trainer = Trainer(args.workdir, mcfg, tcfg, init_from=args.init_from)
     trainer.run()
     if args.out is not None:

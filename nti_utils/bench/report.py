@@ -16,21 +16,41 @@ import numpy as np
 from matplotlib.figure import Figure
 
 COLUMNS: tuple[str, ...] = (
-    "method", "group", "n", "psnr", "ssim", "latent_mse", "vae_bound", "gap_to_vae", "wall_s", "cpu_s",
-    "unet_forward", "unet_backward", "peak_mem_mb", "edit_success", "edit_psnr_target",
-    "edit_psnr_background", "sweep_inner_steps",
-)  # fmt: skip
+    "method",
+    "group",
+    "n",
+    "psnr",
+    "ssim",
+    "latent_mse",
+    "vae_bound",
+    "gap_to_vae",
+    "wall_s",
+    "cpu_s",
+    "unet_forward",
+    "unet_backward",
+    "peak_mem_mb",
+    "edit_success",
+    "edit_psnr_target",
+    "edit_psnr_background",
+    "sweep_inner_steps",
+)
 """Columns of the summary (``summary.csv`` and the ``summary`` list of ``results.json``)."""
 
 _MEANS = tuple(c for c in COLUMNS if c not in ("method", "group", "n", "sweep_inner_steps"))
 _TABLE = (  # (column, header, width, format)
-    ("psnr", "PSNR", 7, ".2f"), ("ssim", "SSIM", 6, ".3f"), ("latent_mse", "z MSE", 9, ".2e"),
+    ("psnr", "PSNR", 7, ".2f"),
+    ("ssim", "SSIM", 6, ".3f"),
+    ("latent_mse", "z MSE", 9, ".2e"),
     ("gap_to_vae", "gap", 6, ".2f"),
-    ("wall_s", "wall s", 8, ".2f"), ("cpu_s", "cpu s", 8, ".2f"), ("unet_forward", "fwd", 7, ".0f"),
-    ("unet_backward", "bwd", 7, ".0f"), ("peak_mem_mb", "mem MB", 8, ".1f"),
-    ("edit_success", "edit ok", 8, ".2f"), ("edit_psnr_target", "tgt dB", 7, ".2f"),
+    ("wall_s", "wall s", 8, ".2f"),
+    ("cpu_s", "cpu s", 8, ".2f"),
+    ("unet_forward", "fwd", 7, ".0f"),
+    ("unet_backward", "bwd", 7, ".0f"),
+    ("peak_mem_mb", "mem MB", 8, ".1f"),
+    ("edit_success", "edit ok", 8, ".2f"),
+    ("edit_psnr_target", "tgt dB", 7, ".2f"),
     ("edit_psnr_background", "bg dB", 7, ".2f"),
-)  # fmt: skip
+)
 
 
 def _mean(values: list) -> float:
@@ -92,8 +112,10 @@ def format_table(results: dict) -> str:
         "the target render; bg dB: PSNR against the input outside the edit region.",
     ]
     if ctx.get("resumed_from"):
-        lines.append(f"Resumed run: batches measured in runs started {', '.join(ctx['resumed_from'])} "
-                     f"and {ctx['date']} (the methods of a batch always ran together).")  # fmt: skip
+        lines.append(
+            f"Resumed run: batches measured in runs started {', '.join(ctx['resumed_from'])} "
+            f"and {ctx['date']} (the methods of a batch always ran together)."
+        )
     t = results.get("target")
     if t:
         verdict = "MET" if t["met"] else "NOT MET"
@@ -135,22 +157,37 @@ def plot(results: dict) -> Figure:
     for r in summary:
         color = "tab:blue" if r["group"] == "method" else "tab:gray"
         ax_t.scatter(r["wall_s"], r["psnr"], color=color)
-        ax_t.annotate(r["method"], (r["wall_s"], r["psnr"]), fontsize=7,
-                      xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax_t.annotate(
+            r["method"],
+            (r["wall_s"], r["psnr"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     vae = _mean([r["vae_bound"] for r in summary if r["group"] == "method"])
     ax_t.axhline(vae, color="k", ls="--", lw=0.8, label="VAE bound")
-    ax_t.set(xscale="log", xlabel="wall time per image (s)", ylabel="PSNR (dB)",
-             title="reconstruction vs time")  # fmt: skip
+    ax_t.set(
+        xscale="log",
+        xlabel="wall time per image (s)",
+        ylabel="PSNR (dB)",
+        title="reconstruction vs time",
+    )
     ax_t.legend(fontsize=7)
     points = [r for r in summary if r.get("sweep_inner_steps") is not None]  # same scenes
     if points:
         ax_k.plot(*zip(*sorted((r["sweep_inner_steps"], r["psnr"]) for r in points)), marker="o")
         ax_k.axhline(_mean([r["vae_bound"] for r in points]), color="k", ls="--", lw=0.8)
-    ax_k.set(xlabel="inner steps (ceiling)", ylabel="PSNR (dB)",
-             title="null-text inversion: PSNR vs inner steps")  # fmt: skip
+    ax_k.set(
+        xlabel="inner steps (ceiling)",
+        ylabel="PSNR (dB)",
+        title="null-text inversion: PSNR vs inner steps",
+    )
     edits = [r for r in summary if not math.isnan(r["edit_success"])]
-    ax_e.barh([r["method"] for r in edits], [r["edit_success"] for r in edits],
-              color=["tab:blue" if r["group"] == "method" else "tab:gray" for r in edits])  # fmt: skip
+    ax_e.barh(
+        [r["method"] for r in edits],
+        [r["edit_success"] for r in edits],
+        color=["tab:blue" if r["group"] == "method" else "tab:gray" for r in edits],
+    )
     ax_e.invert_yaxis()
     ax_e.tick_params(axis="y", labelsize=7)
     ax_e.set(xlim=(0, 1), xlabel="edit success rate", title="Prompt-to-Prompt on each inversion")

@@ -1,0 +1,3 @@
+from nti_utils.bench.cli import main
+
+main()

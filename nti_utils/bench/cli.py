@@ -1,0 +1,80 @@
+"""Command line of the benchmark: ``python -m nti_utils.bench`` (see :mod:`nti_utils.bench`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nti_utils.bench import __doc__ as package_doc
+from nti_utils.bench.config import AUTOCAST_CHOICES, QUICK, BenchConfig
+from nti_utils.bench.report import write_outputs
+from nti_utils.bench.run import previous_results, run
+
+
+def _ceilings(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> (0, 1, 2), for ``--inner-sweep``."""
+    try:
+        return tuple(int(k) for k in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers such as 0,1,2,5, got {text!r}"
+        ) from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: parse flags into a :class:`BenchConfig`, run, write outputs, print the table."""
+    p = argparse.ArgumentParser(description=package_doc.split("\n")[0])
+    p.add_argument("--model", help='"toy" (default) or a diffusers pipeline folder')
+    p.add_argument("--scenes", type=int, help="scenes for the methods (50; quick: 3)")
+    p.add_argument("--ablation-scenes", type=int, help="of which run the ablations (20; quick: 1)")
+    p.add_argument("--steps", type=int, help="DDIM steps (50; quick: 5)")
+    p.add_argument("--guidance", type=float, help="w (7.5)")
+    p.add_argument("--inner-steps", type=int, help="null-text inner-step ceiling (10; quick: 3)")
+    p.add_argument(
+        "--inner-sweep",
+        type=_ceilings,
+        help="inner-step ceilings of the ablation, comma-separated integers (0,1,2,5; quick: 0)",
+    )
+    p.add_argument("--seed-offset", type=int, help="scene i is HELD_OUT_SEED + offset + i (20000)")
+    p.add_argument("--batch", type=int, help="images per batch of ours (25; quick: 3)")
+    p.add_argument("--device", help="cuda, cpu, ... (CUDA if available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="(float32)")
+    p.add_argument(
+        "--autocast",
+        choices=AUTOCAST_CHOICES,
+        help="CUDA autocast for ours (auto: float16 on CUDA)",
+    )
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--quick", action="store_true", help="a small smoke run (tests): see QUICK")
+    p.add_argument("--out", type=Path, default=Path("results/bench"), help="(results/bench)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out (same flags): keep its finished batches",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
+    a = p.parse_args(argv)
+    given = {k: v for k, v in vars(a).items() if k in BenchConfig.__dataclass_fields__}
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        cfg = BenchConfig(
+            **{**(QUICK if a.quick else {}), **given, "ablations": not a.no_ablations}
+        )
+    except ValueError as err:
+        p.error(str(err))
+    resume = previous_results(a.out, cfg) if a.resume else None
+    if resume is None and (a.out / "results.json").exists() and not a.overwrite:
+        raise FileExistsError(
+            f"{a.out} holds a benchmark's results: pass --resume to continue that run, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    results = run(
+        cfg,
+        progress=not a.no_progress,
+        resume=resume,
+        on_batch=lambda partial: write_outputs(partial, a.out),
+    )
+    table = write_outputs(results, a.out)
+    print(table)
+    return results

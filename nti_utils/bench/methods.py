@@ -1,0 +1,157 @@
+"""The rows of the benchmark: each inversion method and ablation, as a function of the scenes.
+
+Methods: DDIM inversion reconstructed at w = 1 and at w = 7.5, negative-prompt inversion, null-text
+inversion as the original notebook's loop (:func:`~nti_utils.bench.reference.reference_null_text_inversion`),
+the library's Algorithm 1 (:func:`~nti_utils.inversion.null_text_inversion`, one image per call)
+and ours (:func:`~nti_utils.inversion.batched_null_text_inversion` with :func:`ours_settings`: the
+reference's update rule, frozen weights, batched across images, a shorter optimizer schedule).
+
+Ablations (on the first ``ablation_scenes`` scenes): a global ∅, a random pivot, optimizing C
+instead of ∅ (textual-inversion style), and PSNR against the number of inner steps (compare with
+the row "ablation baseline: NTI library"); ours with the paper's schedule (batching and frozen
+weights alone), ours with the library's check-first rule (compare with "ablation baseline: NTI
+ours").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from nti_utils.bench.config import DDIM_W, DDIM_W1, LIBRARY, OURS, REFERENCE, BenchConfig
+from nti_utils.bench.reference import reference_null_text_inversion
+from nti_utils.inversion import (
+    batched_null_text_inversion,
+    ddim_inversion,
+    negative_prompt_inversion,
+    null_text_inversion,
+)
+from nti_utils.result import InversionResult, InversionSettings
+
+SHORT_STEP_SCALE = 3.0
+"""Ours' optimizer schedule k: 3x Adam's learning rate, at most ⌈10/3⌉ = 4 inner steps (the paper:
+1e-2 and 10). Chosen on 8 of the benchmark's scenes (10-17: 35.64 dB against the paper schedule's
+35.62 dB; k = 2 and 4 gave 35.60 and 35.59 dB) and checked on 8 scenes outside it
+(``--seed-offset 30000``): 34.67 dB against 34.68 dB, with 189 instead of 390 backward UNet rows per
+image (2-core CPU, the embedded model as of commit 1b8cb23). On that model the steps with large t
+never reach the early-stop threshold within the paper's 10 updates and their loss falls by a
+near-constant amount per update (Adam moves each coordinate by about lr), so longer steps make the
+same progress in fewer updates."""
+
+
+def ours_settings(settings: InversionSettings, device_type: str, autocast: str = "auto"):
+    """Ours: `settings` with the reference's update rule, :data:`SHORT_STEP_SCALE` and, on CUDA
+    with ``autocast="auto"``, float16 autocast."""
+    amp = {"auto": "float16" if device_type == "cuda" else None, "none": None}.get(
+        autocast, autocast
+    )
+    return dataclasses.replace(
+        settings, update_rule="reference", step_scale=SHORT_STEP_SCALE, autocast=amp
+    )
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table.
+
+    Attributes:
+        name (`str`): label.
+        invert (`Callable`): ``invert(pipe, image, prompt, scene_seed) -> InversionResult``, or for
+            a batched method ``invert(pipe, images, prompts, seeds) -> list[InversionResult]``.
+        guidance (`float`, *optional*): w for reconstruction and editing (the inversion's if None).
+        group (`str`): ``"method"`` or ``"ablation"``.
+        edits (`bool`): also run and score the edit.
+        batched (`bool`): inverts a batch of scenes per call (measured per batch, then shared
+            equally among its images).
+        sweep_inner_steps (`int`, *optional*): the inner-step ceiling, for the points of the
+            reconstruction-vs-inner-steps ablation.
+    """
+
+    name: str
+    invert: Callable[..., InversionResult | list[InversionResult]]
+    guidance: float | None = None
+    group: str = "method"
+    edits: bool = True
+    batched: bool = False
+    sweep_inner_steps: int | None = None
+
+
+def _one(fn, settings: InversionSettings):
+    """A per-image method from ``fn(pipe, image, prompt, settings, progress=False)``."""
+
+    def invert(pipe, image, prompt, seed):
+        return fn(pipe, image, prompt, settings, progress=False)
+
+    return invert
+
+
+def _batched(settings: InversionSettings):
+    def invert(pipe, images, prompts, seeds):
+        return batched_null_text_inversion(pipe, images, prompts, settings, progress=False)
+
+    return invert
+
+
+def _random_pivot(settings: InversionSettings):
+    def invert(pipe, image, prompt, seed):
+        c, side = pipe.unet.config.in_channels, pipe.unet.config.sample_size
+        noise = torch.randn((1, c, side, side), generator=torch.Generator().manual_seed(seed))
+        return null_text_inversion(
+            pipe, image, prompt, settings, start_latent=noise, progress=False
+        )
+
+    return invert
+
+
+def _reference(settings: InversionSettings):
+    def invert(pipe, image, prompt, seed):
+        return reference_null_text_inversion(pipe, image, prompt, settings)
+
+    return invert
+
+
+def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
+    """The methods and ablations of a run, in the order they run on each batch of scenes."""
+    s = cfg.settings
+    ours = ours_settings(s, device_type, cfg.autocast)
+    out = [
+        Method(DDIM_W1, _one(ddim_inversion, s), guidance=1.0),
+        Method(DDIM_W, _one(ddim_inversion, s)),
+        Method("negative-prompt inversion", _one(negative_prompt_inversion, s)),
+        Method(REFERENCE, _reference(s)),
+        Method(LIBRARY, _one(null_text_inversion, s)),
+        Method(OURS, _batched(ours), batched=True),
+    ]
+    if not cfg.ablations:
+        return out
+    variants = {
+        "ablation: global null": _one(
+            null_text_inversion, dataclasses.replace(s, per_timestep=False)
+        ),
+        "ablation: random pivot": _random_pivot(s),
+        "ablation: optimize C": _one(null_text_inversion, dataclasses.replace(s, optimize="cond")),
+    }
+    out += [Method(name, fn, group="ablation") for name, fn in variants.items()]
+    ours_variants = {
+        "ablation: ours, paper schedule": dataclasses.replace(ours, step_scale=1.0),
+        "ablation: ours, check-first rule": dataclasses.replace(ours, update_rule="check-first"),
+    }
+    out += [
+        Method(name, _batched(v), group="ablation", batched=True)
+        for name, v in ours_variants.items()
+    ]
+    out += [
+        Method(
+            f"ablation: inner steps {k}",
+            _one(null_text_inversion, dataclasses.replace(s, inner_steps=k)),
+            group="ablation",
+            edits=False,
+            sweep_inner_steps=k,
+        )
+        for k in cfg.inner_sweep
+        if k != cfg.inner_steps
+    ]
+    return out

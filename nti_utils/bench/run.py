@@ -1,0 +1,285 @@
+"""Running the benchmark: every method on every batch of scenes, measured and scored, resumable.
+
+Every input is a held-out scene *rendered* (never sampled) from a seed, with its caption, and an edit
+with ground truth (a shape, color or background swap, cycling): target caption, target render and
+edit region. On the same images, model and DDIM steps, each method of
+:func:`~nti_utils.bench.methods.methods` is measured for
+
+* reconstruction: PSNR and SSIM against the input, and the gap to the VAE bound (the round trip);
+* cost: wall and CPU seconds, UNet evaluations (latent rows through the UNet, forward and backward),
+  peak memory (:mod:`~nti_utils.bench.measure`);
+* editability: Prompt-to-Prompt with the edit kind's settings
+  (:data:`~nti_utils.shapes.edits.RECIPES`, :func:`~nti_utils.shapes.edits.edit_case`) from the
+  inversion, scored by the renderer's scorer (success rate), PSNR against the target render, and
+  PSNR against the input outside the edit region.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from nti_utils.bench.config import (
+    ABLATION_BASELINE,
+    LIBRARY,
+    OURS,
+    OURS_BASELINE,
+    REFERENCE,
+    BenchConfig,
+    BenchScene,
+    bench_scene,
+)
+from nti_utils.bench.measure import CPU_MEMORY_KIND, CUDA_MEMORY_KIND, measure
+from nti_utils.bench.methods import SHORT_STEP_SCALE, Method, methods
+from nti_utils.bench.reference import reference_null_text_inversion
+from nti_utils.bench.report import summarize
+from nti_utils.images import image_to_latents, latents_to_pil, model_resolution
+from nti_utils.inversion import batched_null_text_inversion, reconstruct
+from nti_utils.metrics import psnr, ssim, vae_bound
+from nti_utils.models import default_device, load_pipeline, model_fingerprint, model_id
+from nti_utils.result import InversionResult, InversionSettings
+from nti_utils.shapes.edits import RECIPES, edit_case
+
+
+def score(
+    pipe, method: Method, item: BenchScene, result: InversionResult, cost: dict, cfg: BenchConfig
+) -> dict:
+    """Reconstruct and edit one inverted scene (the edit with the case kind's
+    :data:`~nti_utils.shapes.edits.RECIPES`); its per-scene row (with the measured `cost`)."""
+    image, case = item.scene.render(), item.case
+    with torch.no_grad():
+        z0 = image_to_latents(pipe, image)
+        z_rec = reconstruct(pipe, result, method.guidance, progress=False)
+        rec = latents_to_pil(pipe, z_rec)[0]
+    row = {
+        "method": method.name,
+        "group": method.group,
+        "seed": item.seed,
+        "caption": item.scene.caption(),
+        "psnr": psnr(image, rec),
+        "ssim": ssim(image, rec),
+        "latent_mse": (z_rec.float() - z0.float()).pow(2).mean().item(),
+        **cost,
+        "edit_kind": case.kind,
+        "edit_target": case.prompts[1],
+    }
+    if method.sweep_inner_steps is not None:
+        row["sweep_inner_steps"] = method.sweep_inner_steps
+    if method.edits:
+        _, sc = edit_case(pipe, result, case, guidance_scale=method.guidance, source_image=image)
+        row["edit_success"] = float(sc.success)
+        row["edit_psnr_target"] = sc.psnr_target
+        row["edit_psnr_background"] = sc.psnr_outside
+    return row
+
+
+def _cost(m, share: int = 1) -> dict:
+    """A measurement as per-image numbers (a batch's time and UNet rows shared among `share`
+    images; its peak memory is the batch's)."""
+    return {
+        "wall_s": m.wall_s / share,
+        "cpu_s": m.cpu_s / share,
+        "unet_forward": m.forward_rows / share,
+        "unet_backward": m.backward_rows / share,
+        "peak_mem_mb": m.peak_mem_mb,
+        "batch_size": share,
+    }
+
+
+def evaluate(pipe, method: Method, items: list[BenchScene], cfg: BenchConfig) -> list[dict]:
+    """Invert `items` with `method` (measured per image, or per batch), then score each."""
+    rows = []
+    if method.batched:
+        images = [it.scene.render() for it in items]
+        prompts = [it.scene.caption() for it in items]
+        with measure(pipe.unet) as m:
+            results = method.invert(pipe, images, prompts, [it.seed for it in items])
+        cost = _cost(m, len(items))
+        return [score(pipe, method, it, r, cost, cfg) for it, r in zip(items, results)]
+    for it in items:
+        with measure(pipe.unet) as m:
+            result = method.invert(pipe, it.scene.render(), it.scene.caption(), it.seed)
+        rows.append(score(pipe, method, it, result, _cost(m), cfg))
+    return rows
+
+
+def run(
+    cfg: BenchConfig,
+    progress: bool = True,
+    on_batch: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
+) -> dict:
+    """Run the benchmark; returns per-scene rows, the summary table and the run's context.
+
+    Scenes are taken in batches of `cfg.batch`; within a batch every method runs in turn (so slow
+    drifts of the machine's speed hit all methods alike), per image or, for ours, on the batch.
+    `on_batch`, if given, gets the results so far after every batch (the command line writes them,
+    so that an interrupted run leaves its finished batches behind). `resume`: the saved results of
+    an interrupted run of the same configuration and model (:func:`previous_results`); the batches
+    its rows cover completely are kept, not run again.
+
+    Raises:
+        ValueError: `resume` was measured on another model, or with other edit settings or
+            another optimizer schedule for ours.
+    """
+    torch.manual_seed(0)
+    dev = torch.device(cfg.device) if cfg.device else default_device()
+    dtype = getattr(torch, cfg.dtype) if cfg.dtype else torch.float32  # the reference's precision
+    pipe = load_pipeline(cfg.model, device=dev, dtype=dtype)
+    device_type = pipe.unet.device.type
+    res = model_resolution(pipe)
+    all_methods = methods(cfg, device_type)
+    items = [bench_scene(i, cfg, res) for i in range(cfg.scenes)]
+    _warm_up(pipe, items[: min(2, len(items))])
+    rows: list[dict] = []
+    batches = [items[k : k + cfg.batch] for k in range(0, len(items), cfg.batch)]
+    bar = tqdm(total=len(batches) * len(all_methods), desc="benchmark", disable=not progress)
+    done = resume["per_scene"] if resume else []
+    if resume:
+        then, now = resume["context"], _context(pipe)
+        for key, what in (
+            ("model_fingerprint", "model weights"),
+            ("edit_recipes", "edit settings"),
+            ("ours_step_scale", "optimizer schedule for ours"),
+        ):
+            if then.get(key) != now[key]:
+                raise ValueError(f"--resume: the saved run used other {what}; pass --overwrite")
+    have = {(r["method"], r["seed"]) for r in done}
+    earlier = (
+        [*resume["context"].get("resumed_from", []), resume["context"]["date"]] if resume else []
+    )
+    for batch in batches:
+        plan = [
+            (m, [it for it in batch if m.group == "method" or it.index < cfg.ablation_scenes])
+            for m in all_methods
+        ]
+        if all((m.name, it.seed) in have for m, mine in plan for it in mine):
+            seeds = {it.seed for it in batch}
+            rows += [r for r in done if r["seed"] in seeds]
+            bar.update(len(all_methods))
+            continue
+        vae = {it.seed: vae_bound(pipe, it.scene.render()) for it in batch}
+        for method, mine in plan:
+            for row in evaluate(pipe, method, mine, cfg) if mine else []:
+                row["vae_bound"] = vae[row["seed"]]
+                row["gap_to_vae"] = row["vae_bound"] - row["psnr"]
+                rows.append(row)
+            bar.update()
+        if on_batch is not None and batch is not batches[-1]:
+            on_batch(_results(cfg, pipe, all_methods, rows, earlier))
+    bar.close()
+    return _results(cfg, pipe, all_methods, rows, earlier)
+
+
+def _results(
+    cfg: BenchConfig, pipe, all_methods: list[Method], rows: list[dict], earlier: list[str]
+) -> dict:
+    """Summary, performance target and context of the per-scene `rows` measured so far;
+    `earlier`: start dates of the interrupted runs this one resumed."""
+    names = [m.name for m in all_methods]
+    base = []
+    if cfg.ablations:  # the library's and ours' rows again, on the ablation scenes: baselines
+        k = len([m for m in all_methods if m.group == "method"])
+        names[k:k] = [ABLATION_BASELINE, OURS_BASELINE]
+        ablation_seeds = {r["seed"] for r in rows if r["group"] == "ablation"}
+        for name, of in ((ABLATION_BASELINE, LIBRARY), (OURS_BASELINE, OURS)):
+            base += [
+                dict(r, method=name, group="ablation", sweep_inner_steps=cfg.inner_steps)
+                for r in rows
+                if r["method"] == of and r["seed"] in ablation_seeds
+            ]
+    summary = summarize(rows + base, names)
+    return {
+        "config": dataclasses.asdict(cfg),
+        "context": _context(pipe) | ({"resumed_from": earlier} if earlier else {}),
+        "memory_kind": CUDA_MEMORY_KIND if pipe.unet.device.type == "cuda" else CPU_MEMORY_KIND,
+        "summary": summary,
+        "target": _target(summary),
+        "per_scene": rows,
+    }
+
+
+def _warm_up(pipe, items: list[BenchScene]) -> None:
+    """Tiny unmeasured runs (2 steps) of the optimizing loops: one-time costs (allocator, lazy
+    initialization) should not land on whichever method happens to run first."""
+    s = InversionSettings(num_steps=2, inner_steps=1)
+    image, prompt = items[0].scene.render(), items[0].scene.caption()
+    reference_null_text_inversion(pipe, image, prompt, s)
+    images = [it.scene.render() for it in items]
+    prompts = [it.scene.caption() for it in items]
+    batched_null_text_inversion(pipe, images[:1], prompts[:1], s, progress=False)
+    batched_null_text_inversion(pipe, images, prompts, s, progress=False)
+
+
+def _target(summary: list[dict]) -> dict:
+    """The performance target: ours within 0.1 dB of the reference's mean PSNR in at most a
+    third of its mean wall time."""
+    by = {r["method"]: r for r in summary}
+    if REFERENCE not in by or OURS not in by:
+        return {}
+    ref, ours = by[REFERENCE], by[OURS]
+    gap, ratio = ref["psnr"] - ours["psnr"], ours["wall_s"] / ref["wall_s"]
+    return {
+        "psnr_reference": ref["psnr"],
+        "psnr_ours": ours["psnr"],
+        "psnr_shortfall_db": gap,
+        "wall_ratio": ratio,
+        "cpu_ratio": ours["cpu_s"] / ref["cpu_s"],
+        "met": bool(gap <= 0.1 and ratio <= 1 / 3),
+    }
+
+
+def _context(pipe) -> dict:
+    unet = pipe.unet
+    proc = next(iter(unet.attn_processors.values()), None)
+    ctx = {
+        "model_id": model_id(pipe),
+        "model_fingerprint": model_fingerprint(pipe),
+        "device": str(unet.device),
+        "dtype": str(unet.dtype).removeprefix("torch."),
+        "resolution": model_resolution(pipe),
+        "attention_processor": type(proc).__name__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "edit_recipes": {k: dataclasses.asdict(r) for k, r in RECIPES.items()},
+        "ours_step_scale": SHORT_STEP_SCALE,
+    }
+    if unet.device.type == "cuda":
+        ctx["gpu"] = torch.cuda.get_device_name(unet.device)
+    return ctx
+
+
+def previous_results(out: Path, cfg: BenchConfig) -> dict:
+    """The results saved in `out`, checked to have `cfg` (:func:`run` checks the model), with the
+    per-scene values JSON could not hold (NaN, inf) read back as NaN.
+
+    Raises:
+        FileNotFoundError: nothing saved in `out`.
+        ValueError: the saved run had other settings.
+    """
+    path = Path(out) / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no results.json in {out}; run without --resume first")
+    saved = json.loads(path.read_text())
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = {k: (saved["config"].get(k), v) for k, v in mine.items() if saved["config"].get(k) != v}
+    if diff:
+        raise ValueError(
+            f"--resume: the run in {out} had other settings (saved, now): {diff}; "
+            "pass the same flags, or --overwrite to start over"
+        )
+    nan = float("nan")
+    saved["per_scene"] = [
+        {k: nan if v is None else v for k, v in r.items()} for r in saved["per_scene"]
+    ]
+    return saved

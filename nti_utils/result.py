@@ -1,0 +1,348 @@
+"""What an inversion produces and how it is stored: :class:`InversionSettings`,
+:class:`InversionResult`, its safetensors file format and the model check.
+
+This module holds data only: the algorithms that fill an :class:`InversionResult` live in
+:mod:`nti_utils.inversion`; reconstruction and editing read it. A result is the starting latent
+z̄_T and one null embedding ∅_t per sampling step, so that sampling with guidance w and ∅_t at step t
+re-creates the inverted image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal, get_args
+
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file, save_file
+
+from nti_utils.models import model_fingerprint, model_id, scheduler_hash
+
+FORMAT_VERSION = "1"
+
+Optimize = Literal["null", "cond"]
+UpdateRule = Literal["check-first", "reference"]
+Autocast = Literal["float16", "bfloat16"]
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: object) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class InversionSettings:
+    """Settings of an inversion (defaults: the paper's Algorithm 1 as the official code runs it).
+
+    Every field is checked when the settings are made (`ValueError` says what is allowed).
+
+    Attributes:
+        num_steps (`int`, defaults to 50): DDIM steps N (>= 1).
+        guidance_scale (`float`, defaults to 7.5): w used when optimizing, editing and
+            reconstructing (finite).
+        inner_steps (`int`, defaults to 10): at most this many Adam updates per timestep (>= 0).
+        lr (`float`, defaults to 1e-2): Adam's learning rate at the first timestep; at step index i
+            it is ``lr * (1 - i / 100)`` (finite, > 0). The decay is the official code's; the paper
+            gives no schedule.
+        epsilon (`float`, defaults to 1e-5): early stop when the latent MSE falls below
+            ``epsilon + i * epsilon_growth`` at step index i (>= 0). The paper gives ε = 1e-5; the
+            growing threshold is the official code's.
+        epsilon_growth (`float`, defaults to 2e-5): see `epsilon` (>= 0).
+        per_timestep (`bool`, defaults to `True`): one null embedding per timestep (the paper's
+            method); False keeps optimizing a single embedding through all timesteps and uses the
+            final one everywhere (a global ∅).
+        optimize (`"null"` or `"cond"`, defaults to ``"null"``): which embedding is optimized: ∅_t
+            (the paper's method) or the source prompt's C_t with ∅ fixed (the paper's
+            textual-inversion-style ablation; the result then holds per-step offsets ``C_t - C``
+            that reconstruction and editing add to every prompt's embedding).
+        update_rule (`"check-first"` or `"reference"`, defaults to ``"check-first"``): when the
+            early-stop test runs. ``"check-first"``: the loss is tested before each update, and the
+            evaluation that passes also gives z̄_{t-1} (no extra UNet call). ``"reference"``: the
+            official code's order: update, then stop if the loss measured before the update was
+            below the threshold (every step makes at least one update), then one more evaluation
+            with the final ∅_t advances z̄.
+        step_scale (`float`, defaults to 1.0): k >= 1, a shorter optimizer schedule: Adam's
+            learning rate times k and at most ``ceil(inner_steps / k)`` updates per step
+            (:attr:`effective_lr`, :attr:`max_updates`); 1 is the paper's schedule.
+        max_rows (`int`, *optional*): at most this many latent rows per UNet call when several
+            images are inverted together (bounds GPU memory); all rows by default. Does not change
+            the arithmetic.
+        autocast (`"float16"` or `"bfloat16"`, *optional*): run the UNet calls of the optimization
+            under CUDA autocast (for float32 weights on a GPU); the optimized embeddings stay float32.
+    """
+
+    num_steps: int = 50
+    guidance_scale: float = 7.5
+    inner_steps: int = 10
+    lr: float = 1e-2
+    epsilon: float = 1e-5
+    epsilon_growth: float = 2e-5
+    per_timestep: bool = True
+    optimize: Optimize = "null"
+    update_rule: UpdateRule = "check-first"
+    step_scale: float = 1.0
+    max_rows: int | None = None
+    autocast: Autocast | None = None
+
+    def __post_init__(self) -> None:
+        def positive_int(v, low):
+            return _is_int(v) and v >= low
+
+        rules = {
+            "num_steps": (positive_int(self.num_steps, 1), "an integer >= 1"),
+            "guidance_scale": (_is_real(self.guidance_scale), "a finite number"),
+            "inner_steps": (positive_int(self.inner_steps, 0), "an integer >= 0"),
+            "lr": (_is_real(self.lr) and self.lr > 0, "a finite number > 0"),
+            "epsilon": (_is_real(self.epsilon) and self.epsilon >= 0, "a finite number >= 0"),
+            "epsilon_growth": (
+                _is_real(self.epsilon_growth) and self.epsilon_growth >= 0,
+                "a finite number >= 0",
+            ),
+            "per_timestep": (isinstance(self.per_timestep, bool), "True or False"),
+            "optimize": (self.optimize in get_args(Optimize), f"one of {get_args(Optimize)}"),
+            "update_rule": (
+                self.update_rule in get_args(UpdateRule),
+                f"one of {get_args(UpdateRule)}",
+            ),
+            "step_scale": (
+                _is_real(self.step_scale) and self.step_scale >= 1,
+                "a finite number >= 1 (1: the paper's schedule)",
+            ),
+            "max_rows": (
+                self.max_rows is None or positive_int(self.max_rows, 1),
+                "None or an integer >= 1",
+            ),
+            "autocast": (
+                self.autocast is None or self.autocast in get_args(Autocast),
+                f"None or one of {get_args(Autocast)}",
+            ),
+        }
+        for name, (ok, allowed) in rules.items():
+            if not ok:
+                raise ValueError(
+                    f"InversionSettings.{name} must be {allowed}, got {getattr(self, name)!r}"
+                )
+
+    @property
+    def effective_lr(self) -> float:
+        """Adam's learning rate at the first timestep: ``lr * step_scale``."""
+        return self.lr * self.step_scale
+
+    @property
+    def max_updates(self) -> int:
+        """The inner-step ceiling that runs: ``ceil(inner_steps / step_scale)``."""
+        return (
+            self.inner_steps
+            if self.step_scale == 1
+            else math.ceil(self.inner_steps / self.step_scale)
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> InversionSettings:
+        """Settings from a dict (e.g. a saved file's metadata); unknown keys are an error, missing
+        ones take their defaults."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown inversion settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+
+@dataclass
+class InversionResult:
+    """An inverted image, ready to be reconstructed or edited.
+
+    Attributes:
+        latent_T (`torch.Tensor`): z̄_T, (1, C, h, w).
+        null_embeddings (`torch.Tensor`): ∅_t for each sampling step, (N, 1, L, D), in sampling order
+            (first row for t = T).
+        prompt (`str`): the source prompt P whose embedding C was used.
+        method (`str`): which algorithm made it (e.g. ``"null-text"``, ``"ddim"``); the functions
+            that make results document theirs.
+        settings (`InversionSettings`): what was used.
+        losses (`list[list[float]]`): per step, the latent MSE at each evaluation; empty for
+            methods without optimization.
+        inner_steps (`list[int]`): per step, the Adam updates made.
+        timings (`dict[str, float]`): seconds spent in each phase. When several images were
+            inverted together, these are the whole batch's seconds and ``timings["batch_size"]``
+            says how many images shared them.
+        model_id (`str`), model_fingerprint (`str`), scheduler_hash (`str`): model identity.
+        pivots (`list[torch.Tensor]`): the w = 1 DDIM trajectory z*_0..z*_N (not saved to disk).
+        step_errors (`list[float]`): per step, MSE between z̄_{t-1} and the pivot z*_{t-1} (not
+            saved).
+        unet_calls (`dict[str, int]`): latent rows through the UNet during the optimization,
+            ``"forward"`` and ``"backward"`` (the pivots' DDIM inversion not included); like
+            `timings`, the whole batch's when images were inverted together.
+        cond_offsets (`torch.Tensor`, *optional*): ``C_t - C`` per sampling step, (N, 1, L, D), when
+            the conditional embedding was optimized (``settings.optimize == "cond"``); added to the
+            embedding of every prompt at step t when reconstructing or editing. `None` otherwise.
+    """
+
+    latent_T: torch.Tensor
+    null_embeddings: torch.Tensor
+    prompt: str
+    method: str
+    settings: InversionSettings
+    losses: list[list[float]] = field(default_factory=list)
+    inner_steps: list[int] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    model_id: str = ""
+    model_fingerprint: str = ""
+    scheduler_hash: str = ""
+    pivots: list[torch.Tensor] = field(default_factory=list, repr=False)
+    step_errors: list[float] = field(default_factory=list)
+    unet_calls: dict[str, int] = field(default_factory=dict)
+    cond_offsets: torch.Tensor | None = None
+
+    def uncond_per_step(self) -> list[torch.Tensor]:
+        """The null embeddings as a list of (1, L, D) tensors, one per sampling step."""
+        return list(self.null_embeddings)
+
+    def cond_offsets_per_step(self) -> list[torch.Tensor] | None:
+        """The conditional offsets as a list of (1, L, D) tensors, or `None` if there are none."""
+        return None if self.cond_offsets is None else list(self.cond_offsets)
+
+    @classmethod
+    def for_pipeline(cls, pipe: StableDiffusionPipeline, **values) -> InversionResult:
+        """A result stamped with `pipe`'s identity (model id, fingerprint, scheduler hash)."""
+        return cls(
+            model_id=model_id(pipe),
+            model_fingerprint=model_fingerprint(pipe),
+            scheduler_hash=scheduler_hash(pipe.scheduler),
+            **values,
+        )
+
+
+def check_compatible(result: InversionResult, pipe: StableDiffusionPipeline) -> None:
+    """Raise a `ValueError` if `result` was made with another model or scheduler."""
+    problems = []
+    if result.model_fingerprint and result.model_fingerprint != model_fingerprint(pipe):
+        problems.append(
+            f"it was made with model {result.model_id!r} (fingerprint {result.model_fingerprint}), "
+            f"this pipeline is {model_id(pipe)!r} ({model_fingerprint(pipe)})"
+        )
+    if result.scheduler_hash and result.scheduler_hash != scheduler_hash(pipe.scheduler):
+        problems.append("its scheduler settings differ from this pipeline's")
+    shape = tuple(result.null_embeddings.shape[-2:])
+    want = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    if shape != want:
+        problems.append(f"its null embeddings are {shape}, this model's are {want}")
+    if problems:
+        raise ValueError(
+            "this inversion does not match the pipeline: "
+            + "; ".join(problems)
+            + ". Load the model it was made with, or invert the image again with this one."
+        )
+
+
+def save_inversion(result: InversionResult, path: str | Path, overwrite: bool = False) -> Path:
+    """Write `result` to a `.safetensors` file with its settings and model identity as metadata.
+
+    Raises:
+        FileExistsError: if `path` exists and `overwrite` is False.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    n = max((len(x) for x in result.losses), default=0)
+    losses = torch.full((len(result.losses), n), float("nan"))
+    for i, row in enumerate(result.losses):
+        losses[i, : len(row)] = torch.tensor(row)
+    tensors = {
+        "latent_T": result.latent_T.detach().cpu().contiguous(),
+        "null_embeddings": result.null_embeddings.detach().cpu().contiguous(),
+        "losses": losses,
+        "inner_steps": torch.tensor(result.inner_steps, dtype=torch.int64),
+    }
+    if result.cond_offsets is not None:
+        tensors["cond_offsets"] = result.cond_offsets.detach().cpu().contiguous()
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "prompt": result.prompt,
+        "method": result.method,
+        "settings": json.dumps(asdict(result.settings)),
+        "timings": json.dumps(result.timings),
+        "model_id": result.model_id,
+        "model_fingerprint": result.model_fingerprint,
+        "scheduler_hash": result.scheduler_hash,
+        "num_steps": str(result.settings.num_steps),
+        "guidance_scale": str(result.settings.guidance_scale),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    _sort_header(tmp)
+    tmp.replace(path)
+    return path
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors header as sorted JSON (safetensors writes its metadata in a random
+    order), so that saving the same result twice gives the same bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
+
+
+def load_inversion(
+    path: str | Path,
+    pipe: StableDiffusionPipeline | None = None,
+    num_steps: int | None = None,
+) -> InversionResult:
+    """Read a result written by :func:`save_inversion`.
+
+    Args:
+        pipe (`StableDiffusionPipeline`, *optional*): if given, the result must match its model and
+            scheduler (else `ValueError`), and tensors are moved to its device and dtype.
+        num_steps (`int`, *optional*): if given, the result must have this many DDIM steps.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no saved inversion at {path}")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is not an nti_utils inversion (format {meta.get('format_version')})"
+        )
+    tensors = load_file(str(path))
+    settings = InversionSettings.from_dict(json.loads(meta["settings"]))
+    losses = [[v for v in row.tolist() if v == v] for row in tensors["losses"]]
+    result = InversionResult(
+        latent_T=tensors["latent_T"],
+        null_embeddings=tensors["null_embeddings"],
+        prompt=meta["prompt"],
+        method=meta["method"],
+        settings=settings,
+        losses=losses,
+        inner_steps=tensors["inner_steps"].tolist(),
+        timings=json.loads(meta["timings"]),
+        model_id=meta["model_id"],
+        model_fingerprint=meta["model_fingerprint"],
+        scheduler_hash=meta["scheduler_hash"],
+        cond_offsets=tensors.get("cond_offsets"),
+    )
+    if num_steps is not None and num_steps != settings.num_steps:
+        raise ValueError(
+            f"{path} was inverted with {settings.num_steps} DDIM steps, not {num_steps}; invert "
+            "again with the step count you want to sample with"
+        )
+    if pipe is not None:
+        check_compatible(result, pipe)
+        dev, dt = pipe.unet.device, pipe.unet.dtype
+        result.latent_T = result.latent_T.to(dev, dt)
+        result.null_embeddings = result.null_embeddings.to(dev, dt)
+        if result.cond_offsets is not None:
+            result.cond_offsets = result.cond_offsets.to(dev, dt)
+    return result
