@@ -31,20 +31,39 @@ class LayerInfo:
         name (`str`): the processor's key in ``unet.attn_processors``.
         place (`str`): ``"down"``, ``"mid"`` or ``"up"``.
         is_cross (`bool`): cross-attention (queries: pixels, keys: text tokens) or self-attention.
+        scale (`int`, *optional*): the layer's feature map is the latents' size divided by this
+            (1 at the finest level, 2 one level down, ...), read from the block it sits in (every
+            down block but the last halves the size, as in SD); see
+            :meth:`AttentionController.layer_resolution`. None when unknown.
     """
 
     name: str
     place: str
     is_cross: bool
+    scale: int | None = None
+
+
+def _layer_scale(unet: UNet2DConditionModel, name: str) -> int | None:
+    parts = name.split(".")
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    if parts[0] == "mid_block":
+        return 2 ** (n_down - 1)
+    if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1 and parts[1].isdigit():
+        i = int(parts[1])
+        return 2**i if parts[0] == "down_blocks" else 2 ** (n_up - 1 - i)
+    return None
 
 
 def layer_infos(unet: UNet2DConditionModel) -> dict[str, LayerInfo]:
     """:class:`LayerInfo` for every attention processor of `unet`, by name."""
     out = {}
     for name in unet.attn_processors:
-        place = name.split("_blocks")[0] if "_blocks" in name else name.split("_block")[0]
+        # "down_blocks.1....", "mid_block....", "up_blocks.2....": the first part says where (the
+        # "_blocks" of "transformer_blocks" further on must not be read as the place)
+        place = name.split(".")[0].removesuffix("_blocks").removesuffix("_block")
         module = unet.get_submodule(name.removesuffix(".processor"))
-        out[name] = LayerInfo(name, place, bool(module.is_cross_attention))
+        scale = _layer_scale(unet, name)
+        out[name] = LayerInfo(name, place, bool(module.is_cross_attention), scale)
     return out
 
 
@@ -99,7 +118,9 @@ class AttentionController:
     """Base controller: sees attention probabilities and returns those to use (here, unchanged).
 
     Subclasses override :meth:`wants` (which layers need explicit probabilities; the others run
-    fused scaled-dot-product attention), :meth:`__call__` and :meth:`step_end`.
+    fused scaled-dot-product attention), :meth:`__call__`, :meth:`step_end`, and
+    :meth:`inject_self` (self-attention layers where the targets take the source's attention
+    without materializing it).
 
     The sampler tells the controller about a run with :meth:`begin` and after each step calls
     :meth:`step_end`; ``self.cur_step`` is the index of the step being computed.
@@ -121,11 +142,28 @@ class AttentionController:
         self.cur_step, self.num_prompts, self.latent_hw = 0, num_prompts, tuple(latent_hw)
 
     def wants(self, info: LayerInfo) -> bool:
+        """Whether the layer must hand its probabilities to :meth:`__call__` at this step (costly:
+        (B, heads, Q, K) floats, e.g. 4096² per head for SD's 64x64 self-attention)."""
+        return False
+
+    def inject_self(self, info: LayerInfo, num_queries: int) -> bool:
+        """Whether, in this self-attention layer at this step (and when :meth:`wants` is False),
+        the target rows of the conditional branch attend with the source's attention: their
+        output is then ``softmax(Q_s K_sᵀ / √d) V_t``, computed fused as
+        ``scaled_dot_product_attention(q_source, k_source, v_target)``."""
         return False
 
     def __call__(self, probs: torch.Tensor, info: LayerInfo) -> torch.Tensor:
         """probs: (B, heads, Q, K) -> the probabilities to use, same shape."""
         return probs
+
+    def layer_resolution(self, info: LayerInfo) -> tuple[int, int] | None:
+        """(h, w) of a layer's feature map for this run's latents, from ``info.scale`` (None when
+        the scale is unknown or no run has begun)."""
+        if info.scale is None or not all(self.latent_hw):
+            return None
+        h, w = self.latent_hw
+        return -(-h // info.scale), -(-w // info.scale)
 
     def step_end(self, i: int, t: int, latents: torch.Tensor) -> torch.Tensor | None:
         """Called by the sampler after step `i`; may return replacement latents."""
@@ -203,6 +241,8 @@ class ControlledAttnProcessor:
             probs = self.controller(probs, self.info)
             out = probs @ value
         else:
+            if not self.info.is_cross and self.controller.inject_self(self.info, query.shape[2]):
+                query, key = _source_for_targets(query, key, self.controller.cond_slice(batch))
             if attention_mask is not None:
                 attention_mask = attention_mask.view(
                     batch, attn.heads, -1, attention_mask.shape[-1]
@@ -217,6 +257,19 @@ class ControlledAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+
+def _source_for_targets(
+    query: torch.Tensor, key: torch.Tensor, rows: slice
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries and keys (B, heads, N, d) where the target rows of `rows` (all but its first, the
+    source) hold the source's: attention with them and the rows' own values gives each target
+    ``softmax(Q_s K_sᵀ / √d) V_t``, the source's self-attention applied to the target's values."""
+    src, lo, hi = rows.start, rows.start + 1, rows.stop
+    query, key = query.clone(), key.clone()
+    query[lo:hi] = query[src : src + 1]
+    key[lo:hi] = key[src : src + 1]
+    return query, key
 
 
 @contextmanager
@@ -270,7 +323,10 @@ class AttentionStore(AttentionController):
         self.sums, self.counts, self.steps = {}, {}, 0
 
     def wants(self, info: LayerInfo) -> bool:
-        return self.cross if info.is_cross else self.self_attention
+        if not (self.cross if info.is_cross else self.self_attention):
+            return False
+        res = self.layer_resolution(info)
+        return self.max_side is None or res is None or max(res) <= self.max_side
 
     def __call__(self, probs: torch.Tensor, info: LayerInfo) -> torch.Tensor:
         if self.cross if info.is_cross else self.self_attention:

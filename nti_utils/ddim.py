@@ -7,12 +7,21 @@ Notation (paper-notes): ᾱ_t is the cumulative product of alphas at training ti
 * inverse step:   the same update run from t-1 to t, with ε evaluated at (z_{t-1}, t)
 * guidance (CFG): ``ε̃ = ε(∅) + w (ε(C) - ε(∅))``
 
+Every formula is written in ε. A model that predicts v instead (SD 2.x-768,
+``prediction_type="v_prediction"``) has its output converted where it is read, by
+:func:`predict_noise` given the run's :class:`DDIMSchedule`, which carries the scheduler's prediction
+type: ``ε = sqrt(ᾱ_t) v + sqrt(1 - ᾱ_t) z_t`` (and ``x0 = sqrt(ᾱ_t) z_t - sqrt(1 - ᾱ_t) v``, which
+is what :func:`predict_x0` gives for that ε), with ᾱ_t of the timestep the UNet was called at. Since
+the conversion is affine in the output with the same z_t for both branches, guiding ε or guiding v
+gives the same step (diffusers guides the raw output).
+
 :func:`sample` is text-conditioned sampling with classifier-free guidance (a null embedding per step or
 one for all); :func:`invert` is DDIM inversion returning the whole latent trajectory.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -52,6 +61,31 @@ def ddim_inverse_step(
     return ddim_step(z_prev, eps, alpha_prev, alpha_t)
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+"""The UNet outputs the library reads: ε (SD 1.x, SD 2.x-base) and v (SD 2.x-768)."""
+
+
+def check_prediction_type(prediction_type: object) -> str:
+    """`prediction_type` if the library supports it, else a `ValueError` saying what is allowed."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type {prediction_type!r} is not supported: the scheduler's "
+            f"`prediction_type` must be one of {PREDICTION_TYPES} (ε-prediction as SD 1.x, or "
+            "v-prediction as SD 2.x-768); x0-prediction ('sample') models are not supported"
+        )
+    return str(prediction_type)
+
+
+def v_to_eps(v: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """ε from a v-prediction: ``ε = sqrt(ᾱ_t) v + sqrt(1 - ᾱ_t) z_t``."""
+    return alpha_t**0.5 * v + (1 - alpha_t) ** 0.5 * z_t
+
+
+def v_to_x0(v: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """x0 from a v-prediction: ``x0 = sqrt(ᾱ_t) z_t - sqrt(1 - ᾱ_t) v``."""
+    return alpha_t**0.5 * z_t - (1 - alpha_t) ** 0.5 * v
+
+
 def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance ``ε̃ = ε(∅) + w (ε(C) - ε(∅))``."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
@@ -69,16 +103,29 @@ class DDIMSchedule:
         final_alpha_cumprod (`torch.Tensor`): ᾱ used below timestep 0 (``alphas_cumprod[0]`` when
             ``set_alpha_to_one=False``, as in SD).
         stride (`int`): num_train_timesteps // N.
+        prediction_type (`str`, defaults to ``"epsilon"``): what the UNet predicts, one of
+            :data:`PREDICTION_TYPES`; :func:`predict_noise` converts its output to ε with it.
     """
 
     timesteps: torch.Tensor
     alphas_cumprod: torch.Tensor
     final_alpha_cumprod: torch.Tensor
     stride: int
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self) -> None:
+        check_prediction_type(self.prediction_type)
 
     @classmethod
     def from_scheduler(cls, scheduler: DDIMScheduler, num_steps: int) -> DDIMSchedule:
-        """Build from a scheduler's config (the scheduler itself is not modified)."""
+        """Build from a scheduler's config (the scheduler itself is not modified), with its
+        prediction type.
+
+        Raises:
+            ValueError: if the scheduler's ``prediction_type`` is not one of
+                :data:`PREDICTION_TYPES`.
+        """
+        prediction_type = check_prediction_type(scheduler.config.get("prediction_type", "epsilon"))
         sched = DDIMScheduler.from_config(scheduler.config)
         sched.set_timesteps(num_steps)
         return cls(
@@ -86,6 +133,7 @@ class DDIMSchedule:
             alphas_cumprod=sched.alphas_cumprod.clone(),
             final_alpha_cumprod=sched.final_alpha_cumprod.clone(),
             stride=sched.config.num_train_timesteps // num_steps,
+            prediction_type=prediction_type,
         )
 
     def __len__(self) -> int:
@@ -100,13 +148,35 @@ class DDIMSchedule:
         t = int(self.timesteps[i])
         return self.alpha(t), self.alpha(t - self.stride)
 
+    def to_eps(self, output: torch.Tensor, z: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """ε from the UNet's `output` for latents `z` at timestep `t` (ᾱ_t of that timestep): the
+        output itself for ε-prediction, :func:`v_to_eps` for v-prediction."""
+        if self.prediction_type == "epsilon":
+            return output
+        return v_to_eps(output, z.to(output.dtype), self.alpha(int(t)))
+
 
 def predict_noise(
-    unet: UNet2DConditionModel, z: torch.Tensor, t: torch.Tensor | int, emb: torch.Tensor
+    unet: UNet2DConditionModel,
+    z: torch.Tensor,
+    t: torch.Tensor | int,
+    emb: torch.Tensor,
+    schedule: DDIMSchedule,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """ε(z, t, emb): the UNet's noise prediction (B, C, h, w) for latents (B, C, h, w) and text
-    embeddings (B, L, D)."""
-    return unet(z, t, encoder_hidden_states=emb).sample
+    """ε(z, t, emb): the noise prediction (B, C, h, w) for latents (B, C, h, w) and text embeddings
+    (B, L, D), whatever the UNet predicts.
+
+    Args:
+        schedule (`DDIMSchedule`): the run's schedule; its `prediction_type` says how to turn the
+            UNet's output into ε (see :meth:`DDIMSchedule.to_eps`). Required, so that no caller
+            can read a v-prediction model's output as ε by forgetting it.
+        dtype (`torch.dtype`, *optional*): cast the UNet's output to this before converting it
+            (float32 for a half-precision UNet whose ε feeds an optimization); its own otherwise.
+    """
+    out = unet(z, t, encoder_hidden_states=emb).sample
+    out = out if dtype is None else out.to(dtype)
+    return schedule.to_eps(out, z, t)
 
 
 # ------------------------------------------------------------------------------ loops
@@ -161,7 +231,8 @@ def sample(
         latents (`torch.Tensor`): z_T, (B, C, h, w).
         cond (`torch.Tensor`): conditional embeddings C, (B, L, D).
         schedule (`DDIMSchedule`): timesteps and ᾱ.
-        guidance_scale (`float`, defaults to 7.5): w. At exactly 1 the null branch is skipped.
+        guidance_scale (`float`, defaults to 7.5): w (finite). At exactly 1 the null branch is
+            skipped.
         uncond (`torch.Tensor` or sequence of them, *optional*): null embeddings ∅, either one
             (B or 1, L, D) for all steps or one per step (N tensors, e.g. null-text inversion's ∅_t).
             Required unless w == 1.
@@ -177,6 +248,8 @@ def sample(
         :class:`SampleOutput`. The arithmetic (batching [∅; C], then ε̃, then the DDIM step) matches
         diffusers' `StableDiffusionPipeline`.
     """
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
     use_cfg = guidance_scale != 1.0
     if use_cfg and uncond is None:
         raise ValueError("guidance_scale != 1 needs null embeddings `uncond`")
@@ -187,13 +260,16 @@ def sample(
     traj, x0s = ([latents], []) if keep_trajectory else ([], [])
     for i, t in enumerate(tqdm(schedule.timesteps, desc="DDIM sampling", disable=not progress)):
         if cond_offsets is not None:
-            cond = base + cond_offsets[i].to(base)
+            # in float32, then rounded once (half-precision C plus a half-precision offset would
+            # round twice)
+            cond = (base.float() + cond_offsets[i].to(base.device).float()).to(base.dtype)
         if use_cfg:
             emb = torch.cat([nulls[i].to(cond.dtype), cond])
-            eps_u, eps_c = predict_noise(unet, torch.cat([latents] * 2), t, emb).chunk(2)
+            both = predict_noise(unet, torch.cat([latents] * 2), t, emb, schedule)
+            eps_u, eps_c = both.chunk(2)
             eps = guide(eps_u, eps_c, guidance_scale)
         else:
-            eps = predict_noise(unet, latents, t, cond)
+            eps = predict_noise(unet, latents, t, cond, schedule)
         alpha_t, alpha_prev = schedule.alphas(i)
         if keep_trajectory:
             x0s.append(predict_x0(latents, eps, alpha_t))
@@ -239,11 +315,10 @@ def invert(
         i = n - 1 - k  # walk the sampling steps backwards: t = 1, 21, ..., 981 for N = 50
         t = schedule.timesteps[i]
         alpha_t, alpha_prev = schedule.alphas(i)
-        eps = predict_noise(unet, latents, t, cond)
+        eps = predict_noise(unet, latents, t, cond, schedule)
         if guidance_scale != 1.0:
-            eps = guide(
-                predict_noise(unet, latents, t, uncond.expand_as(cond)), eps, guidance_scale
-            )
+            eps_u = predict_noise(unet, latents, t, uncond.expand_as(cond), schedule)
+            eps = guide(eps_u, eps, guidance_scale)
         latents = ddim_inverse_step(latents, eps, alpha_prev, alpha_t)
         traj.append(latents)
     return traj

@@ -6,13 +6,15 @@ for SD 1.x, something else for the embedded model), never a hard-coded constant.
 
 from __future__ import annotations
 
+import numbers
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
-from PIL import Image
+from PIL import Image, ImageOps
 
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 _CONVERTIBLE_MODES = {"RGB", "RGBA", "LA", "L", "P", "CMYK", "YCbCr", "1", "PA"}
@@ -26,12 +28,14 @@ def model_resolution(pipe: StableDiffusionPipeline) -> int:
 def load_image(image: ImageLike, size: int | None = None) -> Image.Image:
     """Load an image and make it a square RGB picture of `size` pixels.
 
-    Transparent images are composited over white; grayscale and palette images are converted;
-    non-square images are center-cropped to a square, then resized (Lanczos) to `size`.
+    The EXIF orientation of photos (and of PIL images opened from them) is applied, so the picture
+    is upright as viewers show it. Transparent images are composited over white; grayscale and
+    palette images are converted; non-square images are center-cropped to a square, then resized
+    (Lanczos) to `size`.
 
     Args:
         image (`PIL.Image.Image`, `np.ndarray` or path): uint8 (H, W), (H, W, 3) or (H, W, 4) arrays,
-            or float arrays in [0, 1].
+            or float arrays in [0, 1] (finite).
         size (`int`, *optional*): side in pixels, e.g. ``model_resolution(pipe)``; kept if omitted.
 
     Returns:
@@ -39,20 +43,30 @@ def load_image(image: ImageLike, size: int | None = None) -> Image.Image:
 
     Raises:
         FileNotFoundError: for a path that does not exist.
-        ValueError: for images that cannot be used (empty, odd array shapes, 16-bit or float modes).
+        ValueError: for images that cannot be used (unreadable or truncated files, empty images,
+            odd array shapes or dtypes, NaN or infinite values, 16-bit or float modes).
+        TypeError: for anything else than an image, an array or a path, or a `size` that is not an
+            integer.
     """
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral)):
+        raise TypeError(f"size must be an integer number of pixels, got {size!r}")
+    if size is not None and size < 1:
+        raise ValueError(f"size must be >= 1 pixel, got {size}")
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        if not path.is_file():
-            raise FileNotFoundError(f"no image file at {path}")
-        with Image.open(path) as im:
-            im.load()
-            image = im.copy()
+        image = _read_image(Path(image))
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image)
-    elif not isinstance(image, Image.Image):
+    elif isinstance(image, Image.Image):
+        image = ImageOps.exif_transpose(image)
+    else:
+        hint = (
+            " (for a tensor in [-1, 1], pass tensor_to_pil(t)[0]; latents go to the inversion "
+            "functions directly)"
+            if isinstance(image, torch.Tensor)
+            else ""
+        )
         raise ValueError(
-            f"expected a PIL image, a numpy array or a path, got {type(image).__name__}"
+            f"expected a PIL image, a numpy array or a path, got {type(image).__name__}{hint}"
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"image is empty ({image.width}x{image.height})")
@@ -74,13 +88,46 @@ def load_image(image: ImageLike, size: int | None = None) -> Image.Image:
     return image
 
 
+def _read_image(path: Path) -> Image.Image:
+    """Open and fully decode an image file, upright (EXIF orientation applied)."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not an image file")
+    if not path.is_file():
+        raise FileNotFoundError(f"no image file at {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode now: a truncated file fails here, not later
+            return ImageOps.exif_transpose(im)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
+        raise ValueError(
+            f"could not read {path} as an image ({type(err).__name__}: {err}); the file is not an "
+            "image format PIL reads (PNG, JPEG, WebP, ...), or it is truncated or corrupt: "
+            "re-export or re-download it"
+        ) from err
+
+
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.size == 0:
+        raise ValueError(f"array image is empty (shape {arr.shape})")
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-        raise ValueError(f"expected an array (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}")
+        hint = " (channels first? use arr.transpose(1, 2, 0))" if arr.ndim == 3 else ""
+        raise ValueError(
+            f"expected an array (H, W), (H, W, 3) or (H, W, 4), got shape {arr.shape}{hint}"
+        )
     if arr.dtype != np.uint8:
-        if not np.issubdtype(arr.dtype, np.floating) or arr.min() < 0 or arr.max() > 1:
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(
+                f"array images must be uint8 or float in [0, 1]; got dtype {arr.dtype} (scale "
+                "integer images to 0..255 and convert with arr.astype(np.uint8))"
+            )
+        if not np.isfinite(arr).all():
+            raise ValueError(
+                f"array image has {int((~np.isfinite(arr)).sum())} NaN or infinite values; "
+                "fix or mask them before loading (they would silently become black pixels)"
+            )
+        if arr.min() < 0 or arr.max() > 1:
             raise ValueError(
                 f"array images must be uint8 or float in [0, 1]; got {arr.dtype} with values in "
                 f"[{arr.min()}, {arr.max()}]"
@@ -121,6 +168,12 @@ def encode(
     Returns:
         `torch.Tensor`: latents (B, C, H / f, W / f) in the VAE's dtype, f the VAE's downsampling.
     """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        what = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(
+            f"encode needs images (B, 3, H, W) in [-1, 1], got {what}; make them with "
+            "pil_to_tensor(load_image(...))"
+        )
     x = images.to(device=vae.device, dtype=vae.dtype)
     dist = vae.encode(x).latent_dist
     z = dist.sample(generator) if sample else dist.mean
@@ -130,6 +183,10 @@ def encode(
 @torch.no_grad()
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Decode scaled latents (B, C, h, w) to images (B, 3, H, W) in [-1, 1] (clamped)."""
+    channels = vae.config.latent_channels
+    if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or latents.shape[1] != channels:
+        what = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(f"decode needs latents (B, {channels}, h, w), got {what}")
     z = latents.to(device=vae.device, dtype=vae.dtype) / vae.config.scaling_factor
     return vae.decode(z).sample.clamp(-1, 1)
 

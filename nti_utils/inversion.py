@@ -12,7 +12,8 @@ is bound by per-call overhead, so B images cost far less than B separate runs. I
 
 1. pivots: DDIM inversion at w = 1 gives z*_0..z*_N (all images in one batched loop);
 2. for t = T..1, ε(z̄_t, t, C) once per step for all rows, then up to ``max_updates`` Adam updates of
-   ∅_t (one leaf and one Adam state per image, learning rate ``lr · (1 - i/100)``), minimizing
+   ∅_t (one leaf and one Adam state per image, learning rate :func:`lr_at`, ``lr · (1 - i/100)`` up to
+   100 steps), minimizing
    ``‖z*_{t-1} - DDIM_step(z̄_t, ε̃(∅_t))‖²`` with ε̃ = ε(∅_t) + w·(ε(C) - ε(∅_t)); each image leaves
    the batch when its loss is under ``epsilon + i · epsilon_growth``;
 3. z̄_{t-1} = DDIM_step(z̄_t, ε̃(∅_t)) with the final ∅_t, and ∅_{t-1} starts from ∅_t.
@@ -33,6 +34,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
+from nti_utils.align import check_prompt
 from nti_utils.ddim import DDIMSchedule, ddim_step, guide, invert, predict_noise, sample
 from nti_utils.images import ImageLike, encode, load_image, model_resolution, pil_to_tensor
 from nti_utils.models import embed_prompts, frozen
@@ -59,19 +61,46 @@ def _prepare(
     settings: InversionSettings,
     progress: bool,
 ) -> _Prepared:
-    """Latents z_0, schedule, C, ∅ and the guidance-1 DDIM trajectory (the pivots)."""
+    """Latents z_0, schedule, C, ∅ and the guidance-1 DDIM trajectory (the pivots).
+
+    Every input is checked first, before any model call: prompts (strings the tokenizer can
+    represent, :func:`~nti_utils.align.check_prompt`), step count (at most the scheduler's training
+    timesteps), images (loaded) or latents (shape against the UNet's config, finite values).
+    """
+    if isinstance(images, (str, bytes)) or not isinstance(images, (torch.Tensor, Sequence)):
+        raise TypeError(
+            "images must be a list of images (PIL images, arrays or paths) or latents (B, C, h, w); "
+            f"got {type(images).__name__}. For one image use null_text_inversion(pipe, image, ...)"
+        )
+    if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        raise TypeError(
+            f"prompts must be a list of strings, one per image; got {type(prompts).__name__} "
+            f"({prompts!r})"
+        )
+    if len(images) == 0:
+        raise ValueError("no images to invert")
     if len(prompts) != len(images):
         raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+    for prompt in prompts:
+        check_prompt(pipe.tokenizer, prompt)
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    if settings.num_steps > n_train:
+        raise ValueError(
+            f"InversionSettings.num_steps={settings.num_steps} is more than the scheduler's "
+            f"{n_train} training timesteps; use at most {n_train} (the paper uses 50)"
+        )
     unet = pipe.unet
+    if isinstance(images, torch.Tensor):
+        _check_latents(pipe, images)
+    else:
+        res = model_resolution(pipe)
+        loaded = [load_image(im, res) for im in images]
     timings: dict[str, float] = {"batch_size": float(len(prompts))}
     t0 = time.perf_counter()
     if isinstance(images, torch.Tensor):
-        if images.dim() != 4:
-            raise ValueError(f"latents must be (B, C, h, w), got {tuple(images.shape)}")
         z0 = images
     else:
-        res = model_resolution(pipe)
-        z0 = encode(pipe.vae, pil_to_tensor([load_image(im, res) for im in images]))
+        z0 = encode(pipe.vae, pil_to_tensor(loaded))
     z0 = z0.to(device=unet.device, dtype=unet.dtype)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, settings.num_steps)
     cond = embed_prompts(pipe, list(prompts))
@@ -83,6 +112,31 @@ def _prepare(
     return _Prepared(schedule, cond, null, pivots, timings)
 
 
+def _check_latents(pipe: StableDiffusionPipeline, z: torch.Tensor) -> None:
+    """Latents z_0 must be (B, C, h, w) with the UNet's channels and sample size, and finite."""
+    cfg, shape = pipe.unet.config, tuple(z.shape)
+    size = cfg.sample_size
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    want = f"(B, {cfg.in_channels}, {size[0]}, {size[1]})"
+    res = model_resolution(pipe)
+    if z.dim() == 4 and shape[1] == 3 and shape[1] != cfg.in_channels:
+        raise ValueError(
+            f"latents must be {want}, got {shape}: this looks like an image tensor (B, 3, H, W). "
+            "Pass the image itself (PIL image, array or path), or its latents from "
+            "nti_utils.images.image_to_latents(pipe, image)"
+        )
+    if z.dim() != 4 or shape[1] != cfg.in_channels or shape[2:] != size:
+        raise ValueError(
+            f"latents must be {want} for this model (its UNet's channels and sample size, "
+            f"{res}x{res} px images), got {shape}; encode images with "
+            "nti_utils.images.image_to_latents(pipe, image)"
+        )
+    if not z.is_floating_point():
+        raise TypeError(f"latents must be a floating point tensor, got {z.dtype}")
+    if not torch.isfinite(z).all():
+        raise ValueError("latents hold NaN or infinite values")
+
+
 def _single(image: ImageLike | torch.Tensor) -> Sequence[ImageLike] | torch.Tensor:
     """One image as a batch of one (latents must already be (1, C, h, w))."""
     if isinstance(image, torch.Tensor):
@@ -91,6 +145,11 @@ def _single(image: ImageLike | torch.Tensor) -> Sequence[ImageLike] | torch.Tens
                 f"invert one image at a time: latents must be (1, C, h, w), got {tuple(image.shape)}"
             )
         return image
+    if isinstance(image, (list, tuple)):
+        raise TypeError(
+            f"invert one image at a time (got a {type(image).__name__} of {len(image)}); for "
+            "several use batched_null_text_inversion(pipe, images, prompts, ...)"
+        )
     return [image]
 
 
@@ -143,6 +202,7 @@ class _Step:
     latent: torch.Tensor  # z̄_t, (B, C, h, w)
     t: torch.Tensor
     alphas: tuple[torch.Tensor, torch.Tensor]  # ᾱ_t, ᾱ_{t-1}
+    schedule: DDIMSchedule  # its prediction type turns the UNet's output into ε
     eps_fixed: torch.Tensor  # ε(z̄_t, t, C), or ε(z̄_t, t, ∅) when C is optimized; float32
     target: torch.Tensor  # z*_{t-1}, float32
     threshold: float
@@ -152,15 +212,33 @@ class _Step:
     counts: list[int]
 
 
-def _eps(unet, z: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, max_rows: int | None):
+def lr_at(settings: InversionSettings, i: int, n: int) -> float:
+    """Adam's learning rate at step index `i` of an `n`-step null-text optimization:
+    ``effective_lr * (1 - i / max(100, n))``. Up to 100 steps (the paper's 50 among them) that is
+    the official code's ``lr * (1 - i / 100)`` exactly; longer runs stretch the same linear decay
+    over their own steps, so it stays > 0 (the official formula reaches 0 at i = 100 and goes
+    negative after)."""
+    if not 0 <= i < n:
+        raise ValueError(f"step index must satisfy 0 <= i < n = {n}, got {i}")
+    return settings.effective_lr * (1.0 - i / max(100.0, float(n)))
+
+
+def _eps(
+    unet,
+    z: torch.Tensor,
+    t: torch.Tensor,
+    emb: torch.Tensor,
+    max_rows: int | None,
+    schedule: DDIMSchedule,
+):
     """ε for a batch of rows, in calls of at most `max_rows` rows, as float32 (guidance amplifies
     rounding errors of half-precision outputs by w)."""
     size = max_rows or z.shape[0]
     parts = []
     for k in range(0, z.shape[0], size):
         emb_k = emb[k : k + size].to(unet.dtype)
-        parts.append(predict_noise(unet, z[k : k + size], t, emb_k))
-    return torch.cat(parts).float()
+        parts.append(predict_noise(unet, z[k : k + size], t, emb_k, schedule, torch.float32))
+    return torch.cat(parts)
 
 
 def _guided(st: _Step, eps_var: torch.Tensor, rows: torch.Tensor, s: InversionSettings):
@@ -181,7 +259,7 @@ def _evaluate(unet, st: _Step, active: list[int], last: bool, s: InversionSettin
         idx = torch.tensor(chunk, device=st.latent.device)
         with torch.set_grad_enabled(not last):
             emb = torch.cat([st.emb[b] for b in chunk]).to(unet.dtype)
-            eps_var = predict_noise(unet, st.latent[idx], st.t, emb).float()
+            eps_var = predict_noise(unet, st.latent[idx], st.t, emb, st.schedule, torch.float32)
             z_prev = ddim_step(st.latent[idx], _guided(st, eps_var, idx, s), *st.alphas)
             loss = (z_prev.float() - st.target[idx]).pow(2).flatten(1).mean(1)
         calls["forward"] += len(chunk)
@@ -224,12 +302,13 @@ def _optimize(unet, prep: _Prepared, latent, s: InversionSettings, progress: boo
     for i in tqdm(range(n), desc="null-text optimization", disable=not progress):
         t = schedule.timesteps[i]
         with torch.no_grad():
-            eps_fixed = _eps(unet, latent, t, fixed, s.max_rows)  # once per step for all rows
+            eps_fixed = _eps(unet, latent, t, fixed, s.max_rows, schedule)  # once for all rows
         calls["forward"] += batch
         st = _Step(
             latent=latent,
             t=t,
             alphas=schedule.alphas(i),
+            schedule=schedule,
             eps_fixed=eps_fixed,
             target=pivots[n - 1 - i].float(),
             threshold=s.epsilon + i * s.epsilon_growth,
@@ -238,7 +317,7 @@ def _optimize(unet, prep: _Prepared, latent, s: InversionSettings, progress: boo
             losses=[[] for _ in range(batch)],
             counts=[0] * batch,
         )
-        opt = torch.optim.Adam(st.emb, lr=s.effective_lr * (1.0 - i / 100.0))  # per-row state
+        opt = torch.optim.Adam(st.emb, lr=lr_at(s, i, n))  # per-row state
         active = list(range(batch))
         for k in range(s.max_updates + 1):
             last = k == s.max_updates
@@ -249,7 +328,7 @@ def _optimize(unet, prep: _Prepared, latent, s: InversionSettings, progress: boo
             opt.zero_grad(set_to_none=True)
         if s.update_rule == "reference":  # advance z̄ with the final embeddings, all rows
             with torch.no_grad():
-                eps_var = _eps(unet, latent, t, torch.cat(st.emb), s.max_rows)
+                eps_var = _eps(unet, latent, t, torch.cat(st.emb), s.max_rows, schedule)
                 rows = torch.arange(batch, device=latent.device)
                 st.z_next = ddim_step(latent, _guided(st, eps_var, rows, s), *st.alphas)
             calls["forward"] += batch
@@ -262,6 +341,32 @@ def _optimize(unet, prep: _Prepared, latent, s: InversionSettings, progress: boo
     return out, calls
 
 
+def random_trajectory(
+    z0: torch.Tensor, schedule: DDIMSchedule, generator: torch.Generator | None = None
+) -> list[torch.Tensor]:
+    """The paper's random pivots: z*_k = √ᾱ_t·z_0 + √(1-ᾱ_t)·ε at the timestep t of trajectory
+    point k, with one Gaussian sample ε shared by all points (the forward process's marginals).
+
+    Args:
+        z0 (`torch.Tensor`): clean latents, (B, C, h, w).
+        schedule (`DDIMSchedule`): the sampling schedule.
+        generator (`torch.Generator`, *optional*): for ε (on the CPU, so results do not depend on
+            the device).
+
+    Returns:
+        `list[torch.Tensor]`: z*_0 (= z_0), ..., z*_N, ordered like
+        :func:`~nti_utils.ddim.invert`'s trajectory.
+    """
+    noise = torch.randn(z0.shape, generator=generator, dtype=torch.float32)
+    noise = noise.to(device=z0.device, dtype=z0.dtype)
+    n = len(schedule)
+    out = [z0]
+    for k in range(1, n + 1):
+        a = schedule.alpha(int(schedule.timesteps[n - k])).to(z0.device, z0.dtype)
+        out.append(a.sqrt() * z0 + (1 - a).sqrt() * noise)
+    return out
+
+
 def batched_null_text_inversion(
     pipe: StableDiffusionPipeline,
     images: Sequence[ImageLike] | torch.Tensor,
@@ -269,6 +374,7 @@ def batched_null_text_inversion(
     settings: InversionSettings = InversionSettings(),
     start_latents: torch.Tensor | None = None,
     progress: bool = True,
+    generator: torch.Generator | None = None,
 ) -> list[InversionResult]:
     """Null-text inversion (Mokady et al. 2023, Algorithm 1) of B images at once (see the module
     docstring for the steps).
@@ -284,6 +390,7 @@ def batched_null_text_inversion(
         start_latents (`torch.Tensor`, *optional*): start from these z̄_T, (B, C, h, w), instead of
             the pivots z*_T; the targets stay the pivots.
         progress (`bool`, defaults to `True`): show tqdm bars.
+        generator (`torch.Generator`, *optional*): the noise of ``settings.pivots == "random"``.
 
     Returns:
         `list[InversionResult]`, one per image, method ``"null-text"`` (``"cond-text"`` when C is
@@ -299,6 +406,8 @@ def batched_null_text_inversion(
     with frozen(unet):
         # pivots in the weights' own precision; autocast only for the optimization
         prep = _prepare(pipe, images, prompts, s, progress)
+        if s.pivots == "random":  # the DDIM trajectory's z*_0 is the image's z_0
+            prep.pivots = random_trajectory(prep.pivots[0], prep.schedule, generator)
         latent_T = prep.pivots[-1]
         if start_latents is not None:
             if start_latents.shape != latent_T.shape:
@@ -349,6 +458,7 @@ def null_text_inversion(
     settings: InversionSettings = InversionSettings(),
     start_latent: torch.Tensor | None = None,
     progress: bool = True,
+    generator: torch.Generator | None = None,
 ) -> InversionResult:
     """Null-text inversion (Mokady et al. 2023, Algorithm 1) of one image: the core,
     :func:`batched_null_text_inversion`, with a batch of one.
@@ -362,6 +472,7 @@ def null_text_inversion(
         start_latent (`torch.Tensor`, *optional*): start from this z̄_T, (1, C, h, w), instead of the
             pivot z*_T; the targets stay the pivots.
         progress (`bool`, defaults to `True`): show tqdm bars.
+        generator (`torch.Generator`, *optional*): the noise of ``settings.pivots == "random"``.
 
     Returns:
         :class:`~nti_utils.result.InversionResult` with method ``"null-text"`` (``"cond-text"`` with
@@ -372,7 +483,7 @@ def null_text_inversion(
     the threshold, that forward pass already gives z̄_{t-1} and no extra UNet call is needed.
     """
     return batched_null_text_inversion(
-        pipe, _single(image), [prompt], settings, start_latent, progress
+        pipe, _single(image), [prompt], settings, start_latent, progress, generator
     )[0]
 
 

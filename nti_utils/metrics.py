@@ -18,6 +18,10 @@ def to_float_array(image: ArrayLike) -> np.ndarray:
 
     PIL images and uint8 arrays are divided by 255; float arrays are taken as [0, 1]; torch tensors
     (3, H, W) or (1, 3, H, W) are taken as [-1, 1] (the VAE's range).
+
+    Raises:
+        ValueError: batches, odd shapes, other dtypes, NaN or infinite values (they would make every
+            metric NaN without saying why).
     """
     if isinstance(image, Image.Image):
         return np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
@@ -27,10 +31,26 @@ def to_float_array(image: ArrayLike) -> np.ndarray:
             if t.shape[0] != 1:
                 raise ValueError(f"expected one image, got a batch of {t.shape[0]}")
             t = t[0]
+        if t.dim() != 3 or t.shape[0] not in (1, 3):
+            raise ValueError(
+                f"expected a tensor (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}"
+            )
+        if not torch.isfinite(t).all():
+            raise ValueError("image tensor has NaN or infinite values")
         return ((t.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy().astype(np.float64)
+    if not isinstance(image, (np.ndarray, list, tuple)):
+        raise TypeError(
+            f"expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}"
+        )
     arr = np.asarray(image)
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ValueError(f"expected an image array (H, W) or (H, W, C), got shape {arr.shape}")
     if arr.dtype == np.uint8:
         return arr.astype(np.float64) / 255.0
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"array images must be uint8 or float in [0, 1], got dtype {arr.dtype}")
+    if not np.isfinite(arr).all():
+        raise ValueError("image array has NaN or infinite values")
     return arr.astype(np.float64)
 
 
@@ -46,6 +66,11 @@ def mse(a: ArrayLike, b: ArrayLike, mask: np.ndarray | None = None) -> float:
     x, y = _pair(a, b)
     err = ((x - y) ** 2).mean(axis=-1)
     if mask is not None:
+        mask = np.asarray(mask)
+        if mask.dtype != bool:
+            raise ValueError(
+                f"mask must be a boolean array (H, W), got dtype {mask.dtype}; e.g. `mask > 0.5`"
+            )
         if mask.shape != err.shape:
             raise ValueError(f"mask {mask.shape} does not match image {err.shape}")
         if not mask.any():

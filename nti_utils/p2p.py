@@ -6,9 +6,10 @@ the rest are targets). Controllers change the targets' attention:
 * :class:`Replace` (word swap): targets use the source's cross-attention maps.
 * :class:`Refine` (words added or changed): aligned target tokens take the source's maps, new tokens
   keep their own.
-* :class:`Reweight`: multiply the maps of chosen target words by a factor (the "equalizer"); wraps a
-  Replace or Refine to compose with it.
-* both Replace and Refine inject the source's *self*-attention for the first steps.
+* :class:`Reweight`: the source's maps (or those a wrapped Replace or Refine gives the target) with
+  chosen words multiplied by a factor (the "equalizer"), as the original ``AttentionReweight``.
+* all of them inject the source's *self*-attention for the first steps (fused, without
+  materializing the self-attention maps).
 * :class:`LocalBlend`: after each step, keep the source latent outside a mask built from the
   cross-attention of chosen words, ``z_target <- z_source + mask * (z_target - z_source)``.
 
@@ -18,6 +19,7 @@ Cross-attention replacement runs during a fraction (or a window, or per word) of
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,7 +29,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from nti_utils.align import refine_alignment, replace_mapper, word_token_indices
+from nti_utils.align import prompt_tokens, refine_alignment, replace_mapper, word_token_indices
 from nti_utils.attention import (
     AttentionStore,
     LayerInfo,
@@ -39,6 +41,36 @@ from nti_utils.models import embed_prompts
 from nti_utils.result import InversionResult, check_compatible
 
 Steps = float | tuple[float, float]
+
+
+def _finite_number(v: object) -> bool:
+    """A real number (a Python, NumPy or 0-dim torch one; not a bool) that is finite."""
+    if isinstance(v, (bool, str)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError, RuntimeError):
+        return False
+
+
+def check_prompts(prompts: object, what: str = "prompts") -> list[str]:
+    """`prompts` as a list of strings, source first; a `TypeError` for a single string (which
+    would otherwise be read as one prompt per character) or non-string items, a `ValueError` for
+    an empty list."""
+    if isinstance(prompts, str):
+        raise TypeError(
+            f"{what} must be a list of prompts, source first and then the targets, got the string "
+            f"{prompts!r}; pass [{prompts!r}] for the source alone or [source, target, ...]"
+        )
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"{what} must be a list of strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    for k, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"{what}[{k}] must be a string, got {type(p).__name__} ({p!r})")
+    if not prompts:
+        raise ValueError(f"{what} must hold at least the source prompt, got []")
+    return prompts
 
 
 def _window(steps: Steps, num_steps: int) -> tuple[int, int]:
@@ -59,7 +91,11 @@ def cross_replace_alphas(
     Args:
         steps: a fraction of the steps (``0.8`` = the first 80%), a window ``(start, end)`` of
             fractions, or a dict of those per target word with ``"default_"`` for all other tokens,
-            e.g. ``{"default_": 0.8, "square": 0.4}``.
+            e.g. ``{"default_": 0.8, "square": 0.4}``. A word applies to the targets it is in.
+
+    Raises:
+        ValueError: for a window outside [0, 1], or a per-word key that is in no target prompt (a
+            typo would otherwise change nothing, silently).
     """
     per_word = steps if isinstance(steps, dict) else {"default_": steps}
     n_targets, max_len = len(prompts) - 1, tokenizer.model_max_length
@@ -70,11 +106,20 @@ def cross_replace_alphas(
         if word == "default_":
             continue
         lo, hi = _window(window, num_steps)
+        found = False
         for j, prompt in enumerate(prompts[1:]):
-            if word in prompt.split():
+            try:
                 idx = word_token_indices(tokenizer, prompt, word)
-                alphas[:, j, idx] = 0.0
-                alphas[lo:hi, j, idx] = 1.0
+            except ValueError:  # not in this target
+                continue
+            found = True
+            alphas[:, j, idx] = 0.0
+            alphas[lo:hi, j, idx] = 1.0
+        if not found:
+            raise ValueError(
+                f"cross_replace_steps has a window for {word!r}, which is not a word of any target "
+                f"prompt {list(prompts[1:])}; its keys must be target words or 'default_'"
+            )
     return alphas
 
 
@@ -93,6 +138,12 @@ class AttentionEdit(AttentionStore):
             self-attention injection; defaults to the map resolution of
             :func:`~nti_utils.attention.default_map_resolution` (16 for SD, as in the paper's code).
         local_blend (`LocalBlend`, *optional*): restrict the edit to a region.
+        materialize_self (`bool`, defaults to `False`): inject self-attention by computing the
+            probabilities and copying the source's to the targets (the original code's way). By
+            default the injection runs fused, ``scaled_dot_product_attention(q_source, k_source,
+            v_target)``, which gives the same output without the (Q, Q) maps (4096² per head and
+            row at SD's 64x64 level); only cross-attention layers, which this controller edits and
+            stores, hand over their probabilities.
     """
 
     def __init__(
@@ -104,33 +155,52 @@ class AttentionEdit(AttentionStore):
         self_replace_steps: Steps = 0.4,
         self_replace_max_side: int | None = None,
         local_blend: LocalBlend | None = None,
+        materialize_self: bool = False,
     ) -> None:
         super().__init__(cross=True, self_attention=False)
+        prompts = check_prompts(prompts)
         if len(prompts) < 2:
             raise ValueError("an edit needs a source prompt and at least one target prompt")
-        self.prompts, self.num_steps = list(prompts), num_steps
+        if local_blend is not None and list(local_blend.prompts) != prompts:
+            raise ValueError(
+                f"local_blend was built for the prompts {list(local_blend.prompts)}, the edit is "
+                f"for {prompts}; build the LocalBlend with the edit's prompts"
+            )
+        self.prompts, self.num_steps = prompts, num_steps
         self.tokenizer = tokenizer
+        self.cross_replace_steps, self.self_replace_steps = cross_replace_steps, self_replace_steps
         self.cross_alphas = cross_replace_alphas(tokenizer, prompts, num_steps, cross_replace_steps)
         self.self_window = _window(self_replace_steps, num_steps)
         self.self_replace_max_side = self_replace_max_side
         self.local_blend = local_blend
+        self.materialize_self = bool(materialize_self)
 
     def attach(self, unet) -> None:
         super().attach(unet)
         if self.self_replace_max_side is None:
             self.self_replace_max_side = self.map_resolution
 
+    def _injects_self(self, side: int) -> bool:
+        lo, hi = self.self_window
+        return lo <= self.cur_step < hi and side <= (self.self_replace_max_side or 0)
+
     def wants(self, info: LayerInfo) -> bool:
-        return True
+        if info.is_cross:  # edited and stored
+            return True
+        if not self.materialize_self:
+            return False
+        res = self.layer_resolution(info)
+        return res is None or self._injects_self(max(res))
+
+    def inject_self(self, info: LayerInfo, num_queries: int) -> bool:
+        return not self.materialize_self and self._injects_self(max(self.resolution(num_queries)))
 
     def replace_cross(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """source: (heads, Q, K), target: (T, heads, Q, K) -> new target maps (T, heads, Q, K)."""
         raise NotImplementedError
 
     def _edit_self(self, probs: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.self_window
-        side = max(self.resolution(probs.shape[2]))
-        if lo <= self.cur_step < hi and side <= (self.self_replace_max_side or 0):
+        if self._injects_self(max(self.resolution(probs.shape[2]))):
             probs = probs.clone()
             probs[1:] = probs[:1].expand_as(probs[1:])
         return probs
@@ -196,13 +266,43 @@ class Refine(AttentionEdit):
         return taken * a + target * (1 - a)
 
 
+_BASE_SETTINGS = (
+    "cross_replace_steps",
+    "self_replace_steps",
+    "self_replace_max_side",
+    "local_blend",
+    "materialize_self",
+)
+
+
 class Reweight(AttentionEdit):
-    """Re-weighting: scale the cross-attention of chosen target words.
+    """Re-weighting, Prompt-to-Prompt's ``AttentionReweight``: the targets' cross-attention maps are
+    the source's, scaled per token by the equalizer.
+
+    * Without `base`: target maps = source maps × equalizer (the original with no previous
+      controller, meant for a target that is the source prompt, e.g. ``["a smiling bunny doll"] *
+      2``; the targets must therefore align token for token with the source).
+    * With `base` (the original's ``prev_controller``): target maps = the maps `base` gives the
+      target (``base.replace_cross``: a Replace's word swap, a Refine's alignment) × equalizer.
+
+    In both, during the cross-replacement window the target's maps are that product (mixed per
+    token as :func:`cross_replace_alphas` says), outside it the target's own, as in the original.
 
     Args:
-        equalizer (`torch.Tensor`): (T, L) factors per target and token, see :func:`equalizer`.
-        base (`AttentionEdit`, *optional*): a Replace or Refine to apply first (composition).
-        Other arguments as :class:`AttentionEdit` (taken from `base` when it is given).
+        equalizer (`torch.Tensor`): (T, L) finite factors per target and token, see
+            :func:`equalizer`.
+        base (`AttentionEdit`, *optional*): a Replace or Refine for the same prompts and steps,
+            whose mapping is applied first. Only its ``replace_cross`` is used; it is not changed.
+        Other arguments as :class:`AttentionEdit`: this controller's own windows and LocalBlend
+            (in the original they are ``AttentionReweight``'s arguments too). With a `base`, those
+            not given default to the base's (its ``cross_replace_steps``, ``self_replace_steps``,
+            ``self_replace_max_side`` and ``local_blend``), so ``Reweight(..., base=Refine(...,
+            local_blend=lb))`` edits like the Refine, blended by ``lb``, plus the re-weighting.
+
+    Raises:
+        ValueError: for an equalizer that is not (T, L) or not finite, a base built for other
+            prompts or steps, or (without a base) a target that does not align token for token with
+            the source.
     """
 
     def __init__(
@@ -214,21 +314,47 @@ class Reweight(AttentionEdit):
         base: AttentionEdit | None = None,
         **kwargs,
     ) -> None:
+        prompts = check_prompts(prompts)
         if base is not None:
-            kwargs = dict(
-                cross_replace_steps=1.0, self_replace_steps=(0.0, 0.0), local_blend=base.local_blend
-            )
+            if base.prompts != prompts or base.num_steps != num_steps:
+                raise ValueError(
+                    f"base was built for {base.prompts} and {base.num_steps} steps, the Reweight "
+                    f"for {prompts} and {num_steps} steps; build both for the same edit"
+                )
+            kwargs = {**{k: getattr(base, k) for k in _BASE_SETTINGS}, **kwargs}
         super().__init__(tokenizer, prompts, num_steps, **kwargs)
-        if base is not None:
-            self.cross_alphas, self.self_window = base.cross_alphas, base.self_window
-            self.self_replace_max_side = base.self_replace_max_side
-            base.local_blend = None  # this controller runs it
-        self.base, self.equalizer = base, equalizer
+        want = (len(prompts) - 1, tokenizer.model_max_length)
+        if not isinstance(equalizer, torch.Tensor) or tuple(equalizer.shape) != want:
+            got = tuple(equalizer.shape) if isinstance(equalizer, torch.Tensor) else equalizer
+            raise ValueError(
+                f"equalizer must be a tensor of shape {want} (targets, tokens; see `equalizer()`), "
+                f"got {got!r}"
+            )
+        bad = (~torch.isfinite(equalizer)).nonzero().tolist()
+        if bad:
+            values = [equalizer[j, k].item() for j, k in bad[:5]]
+            raise ValueError(
+                f"equalizer factors must be finite, got {values} at (target, token) {bad[:5]}"
+                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            )
+        if base is None:
+            n_source = len(prompt_tokens(tokenizer, prompts[0]))
+            for p in prompts[1:]:
+                if len(prompt_tokens(tokenizer, p)) != n_source:
+                    raise ValueError(
+                        "Reweight without a base gives each target the source's maps token for "
+                        f"token, but {p!r} has {len(prompt_tokens(tokenizer, p)) - 2} tokens and "
+                        f"the source {prompts[0]!r} {n_source - 2}; pass base=Refine(...) (or "
+                        "Replace for a word swap)"
+                    )
+        self.base, self.equalizer = base, equalizer.detach().clone()
 
     def replace_cross(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self.base is not None:
-            target = self.base.replace_cross(source, target)
-        return target * self.equalizer.to(source)[:, None, None, :]
+            maps = self.base.replace_cross(source, target)
+        else:
+            maps = source[None].expand_as(target)
+        return maps * self.equalizer.to(source)[:, None, None, :]
 
     def attach(self, unet) -> None:
         super().attach(unet)
@@ -244,7 +370,15 @@ class Reweight(AttentionEdit):
 def equalizer(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], weights: dict[str, float]
 ) -> torch.Tensor:
-    """(T, L) factors: `weights[word]` on the tokens of that word in each target, 1 elsewhere."""
+    """(T, L) factors: `weights[word]` on the tokens of that word in each target, 1 elsewhere.
+
+    Raises:
+        ValueError: for a factor that is not a finite number, or a word missing from a target.
+    """
+    prompts = check_prompts(prompts)
+    for word, w in weights.items():
+        if not _finite_number(w):
+            raise ValueError(f"re-weighting factor of {word!r} must be a finite number, got {w!r}")
     eq = torch.ones(len(prompts) - 1, tokenizer.model_max_length)
     for j, prompt in enumerate(prompts[1:]):
         for word, w in weights.items():
@@ -280,6 +414,13 @@ class LocalBlend:
     resolution: int | None = None
 
     def __post_init__(self) -> None:
+        self.prompts = check_prompts(self.prompts)
+        t = self.threshold
+        if not _finite_number(t) or not 0 <= float(t) <= 1:
+            raise ValueError(
+                f"LocalBlend threshold must be a number in [0, 1] (of the max-normalized map), "
+                f"got {t!r}"
+            )
         self.alpha = self._word_alpha(self.words)
         self.subtract = self._word_alpha(self.subtract_words) if self.subtract_words else None
         self.masks: list[torch.Tensor] = []
@@ -389,19 +530,18 @@ def build_controller(
             blend_words, tokenizer, prompts, threshold=blend_threshold, resolution=blend_resolution
         )
     cls = Replace if edit == "replace" else Refine
-    ctrl: AttentionEdit = cls(
-        tokenizer,
-        prompts,
-        num_steps,
+    windows = dict(
         cross_replace_steps=cross_replace_steps,
         self_replace_steps=self_replace_steps,
         self_replace_max_side=self_replace_max_side,
-        local_blend=local_blend,
     )
-    if reweight:
-        eq = equalizer(tokenizer, prompts, reweight)
-        ctrl = Reweight(tokenizer, prompts, num_steps, eq, base=ctrl)
-    return ctrl
+    if not reweight:
+        return cls(tokenizer, prompts, num_steps, local_blend=local_blend, **windows)
+    base = cls(tokenizer, prompts, num_steps, **windows)  # its mapping; the wrapper blends
+    eq = equalizer(tokenizer, prompts, reweight)
+    return Reweight(
+        tokenizer, prompts, num_steps, eq, base=base, local_blend=local_blend, **windows
+    )
 
 
 @dataclass
@@ -422,6 +562,7 @@ def edit(
     controller: AttentionStore | None = None,
     guidance_scale: float | None = None,
     progress: bool = True,
+    allow_other_source: bool = False,
 ) -> EditOutput:
     """Edit an inverted image: sample the source and target prompts in one batch from z̄_T with the
     per-step null embeddings ∅_t and the controller installed.
@@ -430,24 +571,48 @@ def edit(
         pipe (`StableDiffusionPipeline`): the model the image was inverted with.
         inversion (`InversionResult`): from null-text (or another) inversion; its per-step
             conditional offsets, if any, are added to every prompt's embedding.
-        prompts (`Sequence[str]`): the source prompt (should be the inversion's) and targets.
-        controller (`AttentionStore`, *optional*): e.g. :class:`Replace`; a plain `AttentionStore`
-            (the default) edits nothing and only records maps.
-        guidance_scale (`float`, *optional*): defaults to the inversion's w.
+        prompts (`Sequence[str]`): a list: the source prompt (the inversion's) first, then the
+            targets.
+        controller (`AttentionStore`, *optional*): e.g. :class:`Replace`, built for these prompts
+            and the inversion's steps; a plain `AttentionStore` (the default) edits nothing and only
+            records maps.
+        guidance_scale (`float`, *optional*): defaults to the inversion's w; finite.
         progress (`bool`, defaults to `True`): show a tqdm bar.
+        allow_other_source (`bool`, defaults to `False`): allow a source prompt other than the
+            inversion's (z̄_T and ∅_t reconstruct the image only with the inversion's prompt, so by
+            default that is an error).
 
     Returns:
         :class:`EditOutput`; ``images[0]`` is the source reconstruction.
+
+    Raises:
+        TypeError: `prompts` is a string or holds non-strings.
+        ValueError: the controller was built for other prompts or steps, ``prompts[0]`` is not
+            the inversion's prompt (unless `allow_other_source`), or the guidance scale is not a
+            finite number.
     """
     check_compatible(inversion, pipe)
-    prompts = list(prompts)
+    prompts = check_prompts(prompts)
+    if prompts[0] != inversion.prompt and not allow_other_source:
+        raise ValueError(
+            f"prompts[0] must be the inversion's source prompt {inversion.prompt!r}, got "
+            f"{prompts[0]!r}; pass allow_other_source=True to edit from another source prompt"
+        )
     controller = controller if controller is not None else AttentionStore()
     w = inversion.settings.guidance_scale if guidance_scale is None else guidance_scale
+    if not _finite_number(w):
+        raise ValueError(f"guidance_scale must be a finite number, got {w!r}")
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, inversion.settings.num_steps)
-    if isinstance(controller, AttentionEdit) and controller.num_steps != len(schedule):
-        raise ValueError(
-            f"controller built for {controller.num_steps} steps, inversion has {len(schedule)}"
-        )
+    if isinstance(controller, AttentionEdit):
+        if controller.prompts != prompts:
+            raise ValueError(
+                f"controller was built for the prompts {controller.prompts}, edit got {prompts}; "
+                "build it with the prompts you edit"
+            )
+        if controller.num_steps != len(schedule):
+            raise ValueError(
+                f"controller built for {controller.num_steps} steps, inversion has {len(schedule)}"
+            )
     dev = pipe.unet.device
     cond = embed_prompts(pipe, prompts)
     latents = inversion.latent_T.to(dev, pipe.unet.dtype).expand(len(prompts), -1, -1, -1).clone()

@@ -25,6 +25,7 @@ from nti_utils.models import model_fingerprint, model_id, scheduler_hash
 FORMAT_VERSION = "1"
 
 Optimize = Literal["null", "cond"]
+Pivots = Literal["ddim", "random"]
 UpdateRule = Literal["check-first", "reference"]
 Autocast = Literal["float16", "bfloat16"]
 
@@ -49,15 +50,22 @@ class InversionSettings:
             reconstructing (finite).
         inner_steps (`int`, defaults to 10): at most this many Adam updates per timestep (>= 0).
         lr (`float`, defaults to 1e-2): Adam's learning rate at the first timestep; at step index i
-            it is ``lr * (1 - i / 100)`` (finite, > 0). The decay is the official code's; the paper
-            gives no schedule.
+            it is ``lr * (1 - i / max(100, N))`` (finite, > 0; see
+            :func:`~nti_utils.inversion.lr_at`): the official code's ``lr * (1 - i / 100)`` for
+            runs of up to 100 steps, stretched over the run beyond (so it stays > 0; the official
+            formula goes negative after step 100). The paper gives no schedule.
         epsilon (`float`, defaults to 1e-5): early stop when the latent MSE falls below
             ``epsilon + i * epsilon_growth`` at step index i (>= 0). The paper gives ε = 1e-5; the
             growing threshold is the official code's.
         epsilon_growth (`float`, defaults to 2e-5): see `epsilon` (>= 0).
         per_timestep (`bool`, defaults to `True`): one null embedding per timestep (the paper's
-            method); False keeps optimizing a single embedding through all timesteps and uses the
-            final one everywhere (a global ∅).
+            method); False keeps optimizing a single embedding through one sweep of the timesteps
+            and uses the final one everywhere. (This is not the paper's global-∅ ablation, which
+            optimizes one shared ∅ over many passes: :mod:`nti_utils.global_null`.)
+        pivots (`"ddim"` or `"random"`, defaults to ``"ddim"``): the targets of the optimization.
+            ``"ddim"``: the w = 1 DDIM inversion trajectory z*_0..z*_N (the paper's pivotal
+            inversion). ``"random"``: the paper's random-pivot ablation, a random trajectory
+            z*_t = √ᾱ_t·z_0 + √(1-ᾱ_t)·ε from one Gaussian sample ε (z*_0 = z_0).
         optimize (`"null"` or `"cond"`, defaults to ``"null"``): which embedding is optimized: ∅_t
             (the paper's method) or the source prompt's C_t with ∅ fixed (the paper's
             textual-inversion-style ablation; the result then holds per-step offsets ``C_t - C``
@@ -85,6 +93,7 @@ class InversionSettings:
     epsilon: float = 1e-5
     epsilon_growth: float = 2e-5
     per_timestep: bool = True
+    pivots: Pivots = "ddim"
     optimize: Optimize = "null"
     update_rule: UpdateRule = "check-first"
     step_scale: float = 1.0
@@ -106,6 +115,7 @@ class InversionSettings:
                 "a finite number >= 0",
             ),
             "per_timestep": (isinstance(self.per_timestep, bool), "True or False"),
+            "pivots": (self.pivots in get_args(Pivots), f"one of {get_args(Pivots)}"),
             "optimize": (self.optimize in get_args(Optimize), f"one of {get_args(Optimize)}"),
             "update_rule": (
                 self.update_rule in get_args(UpdateRule),
@@ -293,6 +303,73 @@ def _sort_header(path: Path) -> None:
     path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
 
 
+METADATA_KEYS = {
+    "required": (
+        "format_version",
+        "prompt",
+        "method",
+        "settings",
+        "timings",
+        "model_id",
+        "model_fingerprint",
+        "scheduler_hash",
+    ),
+    "optional": ("num_steps", "guidance_scale", "format"),
+}
+"""The metadata keys :func:`save_inversion` writes (``num_steps`` and ``guidance_scale`` repeat the
+settings for tools that read headers only; ``format`` is what other safetensors writers add)."""
+TENSOR_KEYS = {
+    "required": ("latent_T", "null_embeddings", "losses", "inner_steps"),
+    "optional": ("cond_offsets",),
+}
+"""The tensors of a saved inversion."""
+
+
+def _check_saved(path: Path, meta: dict, tensors: dict) -> None:
+    """Raise a `ValueError` naming missing or unknown metadata keys and tensors, or tensors of the
+    wrong rank."""
+    for what, have, keys in (("metadata", meta, METADATA_KEYS), ("tensors", tensors, TENSOR_KEYS)):
+        missing = [k for k in keys["required"] if k not in have]
+        unknown = sorted(set(have) - set(keys["required"]) - set(keys["optional"]))
+        if missing or unknown:
+            raise ValueError(
+                f"{path} is not a complete nti_utils inversion: {what} "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing {missing}" if missing else "",
+                        f"unknown {unknown}" if unknown else "",
+                    )
+                    if part
+                )
+                + f" (expected {list(keys['required'])}, optionally {list(keys['optional'])})"
+            )
+    ranks = {"latent_T": 4, "null_embeddings": 4, "losses": 2, "inner_steps": 1, "cond_offsets": 4}
+    for name, t in tensors.items():
+        if t.dim() != ranks[name]:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {ranks[name]} axes"
+            )
+    n = tensors["null_embeddings"].shape[0]
+    counts = (len(tensors["inner_steps"]), len(tensors["losses"]))
+    if any(k not in (0, n) for k in counts) or tensors["latent_T"].shape[0] != 1:
+        raise ValueError(
+            f"{path} is inconsistent: {n} null embeddings, {counts[0]} inner-step counts, "
+            f"{counts[1]} loss rows, latent_T {tuple(tensors['latent_T'].shape)} (expected one "
+            "image and one count and loss row per step, or none)"
+        )
+    for key in ("num_steps", "guidance_scale"):
+        if key in meta:
+            try:
+                saved = json.loads(meta["settings"]).get(key)
+            except (ValueError, AttributeError):
+                continue  # reported with the settings
+            if saved is not None and str(saved) != meta[key]:
+                raise ValueError(
+                    f"{path} is inconsistent: metadata {key}={meta[key]} but settings say {saved}"
+                )
+
+
 def load_inversion(
     path: str | Path,
     pipe: StableDiffusionPipeline | None = None,
@@ -304,20 +381,53 @@ def load_inversion(
         pipe (`StableDiffusionPipeline`, *optional*): if given, the result must match its model and
             scheduler (else `ValueError`), and tensors are moved to its device and dtype.
         num_steps (`int`, *optional*): if given, the result must have this many DDIM steps.
+
+    Only the safetensors format is read (never pickle: a pickle renamed ``.safetensors`` is refused
+    without being run).
+
+    Raises:
+        FileNotFoundError: no file at `path`.
+        ValueError: not a readable safetensors file (truncated or corrupt), not an nti_utils
+            inversion, metadata or tensors missing, unknown or inconsistent, or (with `pipe` or
+            `num_steps`) a result that does not fit.
     """
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a saved inversion (.safetensors file)")
     if not path.is_file():
         raise FileNotFoundError(f"no saved inversion at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as err:  # safetensors' own error type, or an OSError
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}); it is "
+            "truncated or corrupt (an interrupted copy?), or another format renamed; save the "
+            "inversion again"
+        ) from None
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} is not an nti_utils inversion (format {meta.get('format_version')})"
         )
-    tensors = load_file(str(path))
-    settings = InversionSettings.from_dict(json.loads(meta["settings"]))
+    _check_saved(path, meta, tensors)
+    try:
+        values = json.loads(meta["settings"])
+        if not isinstance(values, dict):
+            raise ValueError(f"settings must be a JSON object, got {type(values).__name__}")
+        settings = InversionSettings.from_dict(values)
+        timings = json.loads(meta["timings"])
+    except (ValueError, TypeError) as err:
+        raise ValueError(
+            f"{path} has unreadable settings or timings in its metadata: {err}"
+        ) from None
+    if settings.num_steps != tensors["null_embeddings"].shape[0]:
+        raise ValueError(
+            f"{path} is inconsistent: its settings say {settings.num_steps} steps but it holds "
+            f"{tensors['null_embeddings'].shape[0]} null embeddings"
+        )
     losses = [[v for v in row.tolist() if v == v] for row in tensors["losses"]]
     result = InversionResult(
         latent_T=tensors["latent_T"],
@@ -327,7 +437,7 @@ def load_inversion(
         settings=settings,
         losses=losses,
         inner_steps=tensors["inner_steps"].tolist(),
-        timings=json.loads(meta["timings"]),
+        timings=timings,
         model_id=meta["model_id"],
         model_fingerprint=meta["model_fingerprint"],
         scheduler_hash=meta["scheduler_hash"],

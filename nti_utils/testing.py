@@ -5,6 +5,8 @@ Used by the test suite and handy for trying code paths quickly: same classes as 
 cross-attention at two resolutions and sizes chosen so nothing coincides with SD's or the embedded
 model's (16 tokens, 32-dim text, 32x32 images, 16x16 latents): the config
 :data:`~nti_utils.shapes.model.TINY_TEST`, built by the builders of :mod:`nti_utils.shapes.model`.
+:func:`tiny_sd2_pipeline` is the same shaped like SD 2.x-768 (v-prediction, linear projections,
+per-block head counts, upcast attention).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
+from nti_utils.models import SD_SCHEDULER_CONFIG, sd_ddim_scheduler
 from nti_utils.shapes.model import (
     TINY_TEST,
     ModelConfig,
@@ -49,11 +52,44 @@ def tiny_pipeline(
         max_tokens (`int`, defaults to 16): tokenizer's padded length L.
         latent_size (`int`, *optional*): UNet sample size; defaults to ``image_size // 2``.
     """
-    cfg = tiny_config(image_size, max_tokens, latent_size)
+    return _tiny(seed, tiny_config(image_size, max_tokens, latent_size), build_unet)
+
+
+SD2_SCHEDULER_CONFIG: dict = {
+    **SD_SCHEDULER_CONFIG,
+    "prediction_type": "v_prediction",
+    "skip_prk_steps": True,
+    "trained_betas": None,
+}
+"""The scheduler config of SD 2.x-768 checkpoints (``stabilityai/stable-diffusion-2-1``), as they ship
+it: DDIM with v-prediction."""
+
+
+def _sd2_unet(cfg: ModelConfig) -> UNet2DConditionModel:
+    """:func:`~nti_utils.shapes.model.build_unet` with SD 2.x's UNet options: linear projections in
+    and out of the transformers, a head count per block (SD 2's ``attention_head_dim=[5, 10, 20,
+    20]``) and attention upcast to float32."""
+    return build_unet(
+        cfg, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True
+    )
+
+
+def tiny_sd2_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """The tiny pipeline shaped like SD 2.x-768 (CPU, float32): the UNet of :func:`_sd2_unet`
+    (linear projections, per-block head counts, upcast attention) and a v-prediction DDIM scheduler
+    (:data:`SD2_SCHEDULER_CONFIG`). Random weights, tamed like :func:`tiny_pipeline`'s, so its
+    v-prediction is small: that of a model of unit-variance Gaussian latents."""
+    pipe = _tiny(seed, TINY_TEST, _sd2_unet)
+    pipe.scheduler = sd_ddim_scheduler(SD2_SCHEDULER_CONFIG)
+    pipe.register_to_config(_name_or_path="tiny-test-sd2")
+    return pipe
+
+
+def _tiny(seed: int, cfg: ModelConfig, unet_builder) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     tokenizer = build_tokenizer(cfg.max_tokens)
     # keep this order (UNet, VAE, text encoder): it fixes which random weights a seed gives
-    unet = build_unet(cfg)
+    unet = unet_builder(cfg)
     vae = build_vae(cfg)
     text_encoder = build_text_encoder(cfg, tokenizer)
     pipe = assemble_pipeline(vae.eval(), text_encoder.eval(), tokenizer, unet.eval())

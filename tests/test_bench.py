@@ -107,6 +107,14 @@ def test_per_scene_rows(quick):
     first_library = next(r for r in rows if r["method"] == bench.LIBRARY)
     assert baseline["n"] == 1 and baseline["psnr"] == first_library["psnr"]
     assert baseline["sweep_inner_steps"] == results["config"]["inner_steps"]
+    by = {r["method"]: r for r in results["summary"]}
+    for name in ("ablation: random pivots", "ablation: global null (Alg. 2)"):
+        assert by[name]["n"] == 1, name  # quick: one ablation scene, one global-null scene
+    glob = by["ablation: global null (Alg. 2)"]
+    passes, steps = results["config"]["global_passes"], results["config"]["steps"]
+    # per step and pass: ε(C) and ε(∅) forward, one backward; plus the pivots' DDIM inversion
+    assert glob["unet_backward"] == passes * steps
+    assert glob["unet_forward"] == 2 * passes * steps + steps
 
 
 def test_measure_counts_unet_rows(tiny_pipe):

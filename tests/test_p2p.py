@@ -10,6 +10,7 @@ from nti_utils.attention import (
     controlled_attention,
     cross_attention_resolutions,
     default_map_resolution,
+    layer_infos,
 )
 from nti_utils.ddim import DDIMSchedule, sample
 from nti_utils.inversion import null_text_inversion
@@ -227,10 +228,11 @@ def test_build_controller_builds_what_the_classes_build(tiny_pipe):
         reweight={"square": 2.0},
     )
     blend = LocalBlend(words, tok, swap, threshold=0.5, resolution=16)
-    base = Replace(tok, swap, STEPS, local_blend=blend)
-    want = Reweight(tok, swap, STEPS, equalizer(tok, swap, {"square": 2.0}), base=base)
+    base = Replace(tok, swap, STEPS)  # the base only maps; the wrapper blends
+    eq = equalizer(tok, swap, {"square": 2.0})
+    want = Reweight(tok, swap, STEPS, eq, base=base, local_blend=blend)
     _same_controller(built, want)
-    assert built.local_blend is not None and built.base.local_blend is None  # the wrapper blends
+    assert built.local_blend is not None and built.base.local_blend is None
     # empty blend words and re-weightings add nothing
     _same_controller(
         build_controller(tok, swap, STEPS, blend_words=[], reweight={}), Replace(tok, swap, STEPS)
@@ -241,3 +243,149 @@ def test_build_controller_builds_what_the_classes_build(tiny_pipe):
         build_controller(tok, add, STEPS)
     with pytest.raises(ValueError, match="not in prompt"):
         build_controller(tok, swap, STEPS, reweight={"triangle": 2.0})
+
+
+def test_edit_refuses_mismatched_or_malformed_arguments(tiny_pipe, inverted):
+    tok = tiny_pipe.tokenizer
+    with pytest.raises(TypeError, match="got the string 'a red circle"):
+        edit(tiny_pipe, inverted, SRC, progress=False)
+    with pytest.raises(TypeError, match=r"prompts\[1\] must be a string"):
+        edit(tiny_pipe, inverted, [SRC, 3], progress=False)
+    ctrl = Replace(tok, [SRC, SWAP], STEPS)
+    with pytest.raises(ValueError, match="controller was built for the prompts"):
+        edit(tiny_pipe, inverted, [SRC, "a red triangle on a white background"], ctrl)
+    other = "a red square on a white background"
+    with pytest.raises(ValueError, match="prompts\\[0\\] must be the inversion's source prompt"):
+        edit(tiny_pipe, inverted, [other, SRC], Replace(tok, [other, SRC], STEPS))
+    out = edit(
+        tiny_pipe,
+        inverted,
+        [other, SRC],
+        Replace(tok, [other, SRC], STEPS),
+        allow_other_source=True,
+        progress=False,
+    )
+    assert len(out.images) == 2
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale must be a finite number, got"):
+            edit(tiny_pipe, inverted, [SRC, SWAP], ctrl, guidance_scale=bad)
+
+
+def test_controllers_refuse_typos_and_bad_values(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    swap, add = [SRC, SWAP], [SRC, ADD]
+    with pytest.raises(ValueError, match="cross_replace_steps has a window for 'sqaure'"):
+        Replace(tok, swap, STEPS, cross_replace_steps={"default_": 0.8, "sqaure": 0.4})
+    # a word of the source only takes part in no target's replacement: a mistake too
+    with pytest.raises(ValueError, match="not a word of any target prompt"):
+        Replace(tok, swap, STEPS, cross_replace_steps={"circle": 0.4})
+    with pytest.raises(TypeError, match="got the string"):
+        Replace(tok, SRC, STEPS)
+    for t in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="LocalBlend threshold must be a number in"):
+            LocalBlend([["circle"], ["square"]], tok, swap, threshold=t)
+    blend = LocalBlend([["circle"], ["circle"]], tok, add)
+    with pytest.raises(ValueError, match="local_blend was built for the prompts"):
+        Replace(tok, swap, STEPS, local_blend=blend)
+    for f in (float("nan"), float("inf"), "2"):
+        with pytest.raises(ValueError, match="re-weighting factor of 'square' must be a finite"):
+            equalizer(tok, add, {"square": f})
+    eq = equalizer(tok, add, {"square": 2.0})
+    with pytest.raises(ValueError, match=r"equalizer must be a tensor of shape \(1, 16\)"):
+        Reweight(tok, add, STEPS, eq[0], base=Refine(tok, add, STEPS))
+    with pytest.raises(ValueError, match="equalizer factors must be finite"):
+        Reweight(tok, add, STEPS, eq * float("inf"), base=Refine(tok, add, STEPS))
+    with pytest.raises(ValueError, match="base was built for"):
+        Reweight(tok, add, STEPS, eq, base=Refine(tok, add, STEPS + 1))
+    with pytest.raises(ValueError, match="Reweight without a base"):
+        Reweight(tok, add, STEPS, eq)
+
+
+def test_reweight_without_a_base_scales_the_source_maps_as_the_original(tiny_pipe, inverted):
+    """google/prompt-to-prompt's AttentionReweight: ``attn_base[None] * equalizer`` (the source's
+    maps), not the target's own."""
+    tok = tiny_pipe.tokenizer
+    prompts = [SRC, SRC]
+    eq = equalizer(tok, prompts, {"circle": 2.0})
+    ctrl = Reweight(tok, prompts, STEPS, eq, cross_replace_steps=1.0, self_replace_steps=0.0)
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(2, 64, tok.model_max_length, generator=g).softmax(-1)
+    target = torch.rand(1, 2, 64, tok.model_max_length, generator=g).softmax(-1)
+    torch.testing.assert_close(ctrl.replace_cross(source, target), source[None] * eq[:, None, None])
+    out = edit(tiny_pipe, inverted, prompts, ctrl, progress=False)
+    maps = ctrl.maps(16)  # what was used, averaged: the target's are the source's times eq
+    torch.testing.assert_close(maps[1], maps[0] * eq[0])
+    ref = _plain(tiny_pipe, inverted, prompts)
+    assert (out.latents[1] - ref[1]).abs().max() > 1e-4
+    torch.testing.assert_close(out.latents[0], ref[0], atol=1e-5, rtol=0)
+
+
+def test_reweight_with_a_base_keeps_its_arguments_and_changes_nothing(tiny_pipe):
+    tok = tiny_pipe.tokenizer
+    prompts = [SRC, ADD]
+    blend = LocalBlend([["circle"], ["square"]], tok, prompts)
+    base = Refine(tok, prompts, STEPS, cross_replace_steps=0.8, local_blend=blend)
+    eq = equalizer(tok, prompts, {"square": 3.0})
+    eq_before = eq.clone()
+    # not given: the base's windows and blend; the base keeps its own
+    ctrl = Reweight(tok, prompts, STEPS, eq, base=base)
+    assert ctrl.local_blend is blend and base.local_blend is blend
+    assert torch.equal(ctrl.cross_alphas, base.cross_alphas)
+    assert ctrl.self_window == base.self_window
+    # given: the caller's (as AttentionReweight's own arguments in the original)
+    own = LocalBlend([["circle"], ["circle"]], tok, prompts)
+    ctrl2 = Reweight(
+        tok,
+        prompts,
+        STEPS,
+        eq,
+        base=base,
+        cross_replace_steps=0.5,
+        self_replace_steps=(0.0, 0.2),
+        local_blend=own,
+    )
+    assert ctrl2.local_blend is own and base.local_blend is blend
+    assert torch.equal(
+        ctrl2.cross_alphas, Refine(tok, prompts, STEPS, cross_replace_steps=0.5).cross_alphas
+    )
+    assert ctrl2.self_window == (0, int(0.2 * STEPS))
+    assert torch.equal(eq, eq_before)
+    eq.mul_(0)  # the controller holds its own copy
+    assert ctrl2.equalizer.max() == 3.0
+
+
+def test_fused_self_attention_injection_equals_the_materialized_one(tiny_pipe, inverted):
+    tok = tiny_pipe.tokenizer
+    prompts = [SRC, SWAP]
+    kw = dict(cross_replace_steps=0.5, self_replace_steps=(0.0, 0.7), self_replace_max_side=16)
+    handed = []
+
+    class Spy(Replace):
+        def __call__(self, probs, info):
+            handed.append(info.is_cross)
+            return super().__call__(probs, info)
+
+    fused = Spy(tok, prompts, STEPS, **kw)
+    explicit = Replace(tok, prompts, STEPS, materialize_self=True, **kw)
+    a = edit(tiny_pipe, inverted, prompts, fused, progress=False).latents
+    b = edit(tiny_pipe, inverted, prompts, explicit, progress=False).latents
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    none = Replace(tok, prompts, STEPS, cross_replace_steps=0.5, self_replace_steps=0.0)
+    c = edit(tiny_pipe, inverted, prompts, none, progress=False).latents
+    assert (a[1] - c[1]).abs().max() > 1e-4  # the injection did something
+    # fused, only cross-attention probabilities were materialized
+    assert handed and all(handed)
+
+
+def test_layer_infos_know_their_resolution(tiny_pipe):
+    store = AttentionStore(max_side=8)
+    store.begin(1, (16, 16))
+    infos = layer_infos(tiny_pipe.unet).values()
+    sides = {(i.place, i.is_cross): set() for i in infos}
+    for i in infos:
+        sides[(i.place, i.is_cross)].add(store.layer_resolution(i))
+    res = cross_attention_resolutions(tiny_pipe.unet)
+    for place in ("down", "mid", "up"):
+        assert sides.get((place, True), set()) == {(s, s) for s in res[place]}
+    # a store with max_side asks only for the layers it keeps
+    assert {store.layer_resolution(i) for i in infos if store.wants(i)} == {(8, 8)}

@@ -71,7 +71,8 @@ def test_attention_maps_at_the_models_resolutions(toy):
     res = cross_attention_resolutions(toy.unet)
     assert res["down"] == [16, 8] and res["mid"] == [4] and default_map_resolution(toy.unet) == 8
     scene = scene_from_seed(seeds.NOTEBOOKS + 1, n_objects=1)
-    out = edit(toy, _inversion(toy, scene, steps=10), [PROMPT], progress=False)
+    inv = _inversion(toy, scene, steps=10)  # maps of another prompt than the scene's: opt in
+    out = edit(toy, inv, [PROMPT], progress=False, allow_other_source=True)
     maps = out.controller.maps(8)
     assert maps.shape == (1, 8, 8, toy.tokenizer.model_max_length)
     torch.testing.assert_close(maps.sum(-1), torch.ones(1, 8, 8))

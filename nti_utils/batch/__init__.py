@@ -8,6 +8,13 @@ columns, ``targets`` separated by ``|``, `blend_words`/`reweight`/window values 
      "cross_replace_steps": 0.8, "self_replace_steps": 0.4,
      "blend_words": [["circle"], ["square"]], "reweight": {"square": 2.0}}
 
+Manifests are UTF-8 (a byte-order mark, as Excel's "CSV UTF-8" writes, is fine); other encodings
+are refused with what they look like. Every field is checked for its type and range and a bad entry
+(unknown field, wrong type, missing image, prompt the tokenizer cannot represent, ...) goes to
+``errors.jsonl`` with the reason, the others run. `image` paths must lie inside the images folder
+(``--images``, by default the manifest's): ``../x.png`` or absolute paths are bad entries unless
+``--allow-outside-images`` is given.
+
 Only `image`, `source` and `targets` are required; `id` defaults to the image's stem, `edit` to
 ``"replace"`` (word swap; ``"refine"`` for prompts of different lengths). `blend_words` (one list
 per prompt, source first) adds a :class:`~nti_utils.p2p.LocalBlend`, `reweight` a
@@ -18,6 +25,11 @@ Output, per item, in ``<out>/items/<id>/``: ``inversion.safetensors``
 per target, ``metrics.json`` (PSNR/SSIM of the reconstruction against the input at the model's
 resolution, inner steps, seconds). Plus ``errors.jsonl`` (id, line, stage, reason of every bad item)
 and ``summary.csv`` (one row per done item).
+
+The output folder is the runner's own: a new folder, or an empty one, gets a marker file
+``<out>/.nti-batch``, and a non-empty folder without it is refused (nothing in it is touched), so a
+user's ``summary.csv`` or ``tmp/`` is never replaced or deleted. In its own folder the runner
+deletes only its temporary item folders (``tmp/<id>.rank<r>``) and error fragments.
 
 Resumable and loss-free: an item is written into ``<out>/tmp/`` and renamed to ``items/<id>`` as its
 last step, so it is complete or absent; a rerun skips items whose folder exists (and reports one made

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -28,7 +29,7 @@ import torch
 import transformers
 from tqdm.auto import tqdm
 
-from nti_utils.batch.manifest import Item, load_items
+from nti_utils.batch.manifest import Item, load_items, read_manifest
 from nti_utils.images import load_image, model_resolution
 from nti_utils.inversion import null_text_inversion
 from nti_utils.metrics import psnr, ssim
@@ -38,6 +39,16 @@ from nti_utils.result import InversionSettings, save_inversion
 
 STOP_AFTER_ENV = "NTI_BATCH_STOP_AFTER"
 """The testing hook's environment variable (see the module docstring)."""
+MARKER = ".nti-batch"
+"""The file that marks a folder as the runner's output (written when the runner creates the folder
+or takes over an empty one). The runner writes and deletes only its own files, and only in a
+folder with this marker."""
+_MARKER_TEXT = (
+    "This folder is the output of `python -m nti_utils.batch`; the runner owns items/, tmp/, "
+    "errors.jsonl and summary.csv here.\n"
+)
+_TMP_ENTRY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.rank\d+")
+"""Names of the runner's temporary item folders in ``tmp/``."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,56 @@ class BatchSettings:
     model: str = "toy"
     inversion: InversionSettings = field(default_factory=InversionSettings)
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(
+                f"BatchSettings.model must be 'toy' or a folder path (a string), got {self.model!r}"
+            )
+        if not isinstance(self.inversion, InversionSettings):
+            raise ValueError(
+                "BatchSettings.inversion must be an InversionSettings (which checks its values), "
+                f"got {type(self.inversion).__name__}"
+            )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"BatchSettings.seed must be an integer, got {self.seed!r}")
+
+
+def check_out(out: str | Path) -> Path:
+    """Check that `out` can be the runner's output folder, touching nothing: a new folder (not
+    under a file), an empty one, or one the runner made (with the :data:`MARKER` file).
+
+    Raises:
+        NotADirectoryError: `out`, or a folder above it, is a file.
+        FileExistsError: `out` holds files and was not made by the runner.
+        PermissionError: it cannot be created or written.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder (new, empty or a run's)")
+    existing = next(p for p in [out, *out.parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--out {out} cannot be created: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: {existing} is not writable")
+    if existing == out and not (out / MARKER).is_file() and any(out.iterdir()):
+        names = sorted(p.name for p in out.iterdir())
+        raise FileExistsError(
+            f"--out {out} is not empty ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}) "
+            f"and was not made by nti_utils.batch (no {MARKER} file). The runner writes items/, "
+            "tmp/, errors.jsonl and summary.csv there and would replace files of those names: "
+            "choose a new or empty folder. If it is the output of a run made before marker files "
+            f"existed, create {out / MARKER} to let the runner continue it."
+        )
+    return out
+
+
+def claim_out(out: Path) -> None:
+    """Create `out` (checked by :func:`check_out`) and mark it as the runner's."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if not marker.exists():
+        marker.write_text(_MARKER_TEXT)
 
 
 def config_hash(item: Item, settings: BatchSettings, model_key: str) -> str:
@@ -130,25 +191,49 @@ def run(
     threads: int | None = None,
     cpu: bool = False,
     progress: bool = True,
+    allow_outside_images: bool = False,
 ) -> dict | None:
     """Invert and edit every item of `manifest` into `out` (see :mod:`nti_utils.batch`).
 
+    Everything that concerns the whole run is checked before the model is loaded: the output
+    folder (:func:`check_out`), the manifest file, the images folder, the settings; then the step
+    count against the model's scheduler. Bad entries go to ``errors.jsonl``.
+
     Args:
         manifest (`str` or `Path`): JSONL or CSV.
-        out (`str` or `Path`): output folder (created; reused by reruns).
+        out (`str` or `Path`): output folder (created and marked with :data:`MARKER`, or an empty
+            one taken over; reused by reruns; a non-empty folder the runner did not make is
+            refused).
         images (`str` or `Path`, *optional*): folder the `image` paths are relative to; defaults
-            to the manifest's folder.
+            to the manifest's folder. Paths leading outside it are bad entries unless
+            `allow_outside_images`.
         settings (`BatchSettings`): model, inversion settings, seed.
         threads (`int`, *optional*): torch threads per process on the CPU; defaults to
             ``cores // processes``.
         cpu (`bool`, defaults to `False`): run on the CPU even where a GPU is available.
         progress (`bool`, defaults to `True`): show a bar (main process only).
+        allow_outside_images (`bool`, defaults to `False`): accept `image` paths outside `images`.
 
     Returns:
         On the main process, the summary (counts, means); `None` on the others.
+
+    Raises:
+        ValueError: bad settings, a manifest that cannot be read as a whole (encoding, CSV header)
+            or has no entries, a step count above the scheduler's training timesteps.
+        FileNotFoundError, NotADirectoryError, FileExistsError: see :func:`check_out`; no manifest
+            or images folder.
     """
     from accelerate import PartialState
 
+    if not isinstance(settings, BatchSettings):
+        raise ValueError(f"settings must be a BatchSettings, got {type(settings).__name__}")
+    out, manifest = check_out(out), Path(manifest)
+    images = Path(images) if images is not None else manifest.parent
+    if not images.is_dir():
+        raise NotADirectoryError(f"--images {images} is not a folder")
+    rows = read_manifest(manifest)
+    if not rows:
+        raise ValueError(f"manifest {manifest} has no entries")
     stop_after = _stop_after()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     accel = getattr(torch, "accelerator", None)
@@ -165,17 +250,27 @@ def run(
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         torch.set_num_threads(threads or max(1, (cores or 1) // local))
     pipe = load_pipeline(settings.model, device=state.device)
-    out, manifest = Path(out), Path(manifest)
-    images = Path(images) if images is not None else manifest.parent
+    n_train = int(pipe.scheduler.config.num_train_timesteps)
+    if settings.inversion.num_steps > n_train:
+        raise ValueError(
+            f"--steps {settings.inversion.num_steps} is more than the model's {n_train} training "
+            f"timesteps; use at most {n_train} (the paper uses 50)"
+        )
     items_dir, tmp_root = out / "items", out / "tmp"
-    if state.is_main_process:  # stale temp dirs of killed runs, and error fragments
-        shutil.rmtree(tmp_root, ignore_errors=True)
+    state.wait_for_everyone()  # every process has checked `out` before anyone writes to it
+    if state.is_main_process:  # stale temp dirs of killed runs, and error fragments: ours only
+        claim_out(out)
+        for d in tmp_root.iterdir() if tmp_root.is_dir() else []:
+            if d.is_dir() and _TMP_ENTRY.fullmatch(d.name):
+                shutil.rmtree(d, ignore_errors=True)
         for f in out.glob("errors.rank*.jsonl"):
             f.unlink()
         items_dir.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
 
-    good, errors, n_entries = load_items(manifest, images, pipe, settings)
+    good, errors, n_entries = load_items(
+        manifest, images, pipe, settings, rows=rows, allow_outside_images=allow_outside_images
+    )
     model_key = f"{model_fingerprint(pipe)}/{scheduler_hash(pipe.scheduler)}"
     done_before, pending = [], []
     for item in sorted(good, key=lambda i: i.id):
@@ -315,11 +410,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU process")
     p.add_argument("--cpu", action="store_true", help="use the CPU even if a GPU is available")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="accept manifest `image` paths outside --images (../x.png, absolute paths)",
+    )
     a = p.parse_args(argv)
     if not a.manifest.is_file():
         p.error(f"no manifest at {a.manifest}")
+    if a.images is not None and not a.images.is_dir():
+        p.error(f"--images {a.images} is not a folder")
     if a.steps < 1 or a.inner_steps < 0:
         p.error("--steps must be >= 1 and --inner-steps >= 0")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    try:
+        check_out(a.out)
+    except (NotADirectoryError, FileExistsError, PermissionError) as err:
+        p.error(str(err))
     try:
         inversion = dataclasses.replace(
             d.inversion, num_steps=a.steps, guidance_scale=a.guidance, inner_steps=a.inner_steps
@@ -329,4 +437,17 @@ def main(argv: list[str] | None = None) -> None:
     diffusers.utils.logging.disable_progress_bar()  # loading bars, one per process
     transformers.utils.logging.disable_progress_bar()
     settings = BatchSettings(model=str(a.model), inversion=inversion, seed=a.seed)
-    run(a.manifest, a.out, a.images, settings, a.threads, a.cpu, not a.no_progress)
+    try:
+        run(
+            a.manifest,
+            a.out,
+            a.images,
+            settings,
+            a.threads,
+            a.cpu,
+            not a.no_progress,
+            allow_outside_images=a.allow_outside_images,
+        )
+    except (ValueError, FileNotFoundError, NotADirectoryError, FileExistsError) as err:
+        # the run's up-front checks (settings, manifest, model, steps): nothing was done
+        p.error(str(err))

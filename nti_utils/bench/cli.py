@@ -6,9 +6,37 @@ import argparse
 from pathlib import Path
 
 from nti_utils.bench import __doc__ as package_doc
-from nti_utils.bench.config import AUTOCAST_CHOICES, QUICK, BenchConfig
-from nti_utils.bench.report import write_outputs
+from nti_utils.bench.config import AUTOCAST_CHOICES, DTYPE_CHOICES, QUICK, BenchConfig
+from nti_utils.bench.report import MARKER, OUTPUT_FILES, write_outputs
 from nti_utils.bench.run import previous_results, run
+from nti_utils.models import resolve_device
+
+
+def check_out(out: Path) -> None:
+    """Check that `out` can hold the benchmark's outputs, touching nothing: a new folder (not under
+    a file), an empty one, or a benchmark's (``results.json`` or the :data:`MARKER` file).
+
+    Raises:
+        NotADirectoryError: `out`, or a folder above it, is a file.
+        FileExistsError: `out` holds other files: the benchmark would replace files of its output
+            names (``summary.csv``, ``table.txt``, ...) there.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder")
+    existing = next(p for p in [out, *out.parents] if p.exists() or p == Path(p.anchor))
+    if not existing.is_dir():
+        raise NotADirectoryError(f"--out {out} cannot be created: {existing} is a file")
+    if existing != out or (out / "results.json").exists() or (out / MARKER).exists():
+        return
+    names = sorted(p.name for p in out.iterdir())
+    if names:
+        raise FileExistsError(
+            f"--out {out} holds other files ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}) and is not a benchmark output folder (no "
+            f"results.json or {MARKER}); the benchmark writes {', '.join(OUTPUT_FILES)} there and "
+            "would replace files of those names: choose a new or empty folder"
+        )
 
 
 def _ceilings(text: str) -> tuple[int, ...]:
@@ -37,8 +65,16 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--seed-offset", type=int, help="scene i is HELD_OUT_SEED + offset + i (20000)")
     p.add_argument("--batch", type=int, help="images per batch of ours (25; quick: 3)")
+    p.add_argument(
+        "--global-passes",
+        type=int,
+        help="passes of the global-null ablation, Alg. 2 (150; quick: 4)",
+    )
+    p.add_argument(
+        "--global-scenes", type=int, help="scenes that run the global-null ablation (3; quick: 1)"
+    )
     p.add_argument("--device", help="cuda, cpu, ... (CUDA if available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="(float32)")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help="(float32)")
     p.add_argument(
         "--autocast",
         choices=AUTOCAST_CHOICES,
@@ -63,12 +99,20 @@ def main(argv: list[str] | None = None) -> dict:
         )
     except ValueError as err:
         p.error(str(err))
+    if cfg.device is not None:
+        try:
+            resolve_device(cfg.device)
+        except (ValueError, TypeError) as err:
+            p.error(f"--device: {err}")
+    check_out(a.out)
     resume = previous_results(a.out, cfg) if a.resume else None
     if resume is None and (a.out / "results.json").exists() and not a.overwrite:
         raise FileExistsError(
             f"{a.out} holds a benchmark's results: pass --resume to continue that run, "
             "--overwrite to replace it, or choose another --out"
         )
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / MARKER).touch()
     results = run(
         cfg,
         progress=not a.no_progress,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
@@ -20,6 +20,7 @@ OURS_BASELINE = "ablation baseline: NTI ours"
 """Summary row: ours on the ablation scenes only, the baseline of ours' ablations."""
 
 AUTOCAST_CHOICES = ("auto", "none", "float16", "bfloat16")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class BenchConfig:
         batch (`int`, defaults to 25): images per call of ours (batching across images); its wall
             time, CPU time and UNet rows are shared equally among them, its peak memory is the
             batch's.
+        global_passes (`int`, defaults to 150): passes of the global-∅ ablation (Algorithm 2;
+            ``passes * steps`` optimization steps, the paper's 7,500 for 50 steps).
+        global_scenes (`int`, defaults to 3): the first this many scenes run it (about 12 minutes
+            per scene on a 2-core CPU with the embedded model).
     """
 
     model: str = "toy"
@@ -61,10 +66,29 @@ class BenchConfig:
     autocast: str = "auto"
     ablations: bool = True
     batch: int = 25
+    global_passes: int = 150
+    global_scenes: int = 3
 
     def __post_init__(self) -> None:
-        if min(self.scenes, self.steps, self.batch) < 1 or self.ablation_scenes < 0:
-            raise ValueError("scenes, steps and batch must be >= 1 and ablation_scenes >= 0")
+        for f in fields(self):  # types first: the range checks below compare numbers
+            v = getattr(self, f.name)
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"BenchConfig.{f.name} must be an integer, got {v!r}")
+        if not isinstance(self.inner_sweep, tuple) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in self.inner_sweep
+        ):
+            raise ValueError(
+                f"inner_sweep must be a tuple of integers such as (0, 1, 2, 5), got "
+                f"{self.inner_sweep!r}"
+            )
+        if self.dtype is not None and self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES} or None, got {self.dtype!r}")
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise ValueError(f"model must be 'toy' or a folder path, got {self.model!r}")
+        if min(self.scenes, self.steps, self.batch, self.global_passes) < 1:
+            raise ValueError("scenes, steps, batch and global_passes must be >= 1")
+        if min(self.ablation_scenes, self.global_scenes) < 0:
+            raise ValueError("ablation_scenes and global_scenes must be >= 0")
         if any(k < 0 for k in self.inner_sweep):
             raise ValueError(f"inner_sweep ceilings must be >= 0, got {self.inner_sweep}")
         if self.autocast not in AUTOCAST_CHOICES:
@@ -77,8 +101,18 @@ class BenchConfig:
         return InversionSettings(self.steps, self.guidance, self.inner_steps)
 
 
-QUICK = dict(scenes=3, ablation_scenes=1, steps=5, inner_steps=3, inner_sweep=(0,), batch=3)
-"""``--quick``: a smoke run for tests (3 scenes, ablations on the first, 5 steps, 3 inner steps)."""
+QUICK = dict(
+    scenes=3,
+    ablation_scenes=1,
+    steps=5,
+    inner_steps=3,
+    inner_sweep=(0,),
+    batch=3,
+    global_passes=4,
+    global_scenes=1,
+)
+"""``--quick``: a smoke run for tests (3 scenes, ablations on the first, 5 steps, 3 inner steps, 4
+passes of the global ∅)."""
 
 
 @dataclass(frozen=True)

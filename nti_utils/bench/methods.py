@@ -6,11 +6,15 @@ the library's Algorithm 1 (:func:`~nti_utils.inversion.null_text_inversion`, one
 and ours (:func:`~nti_utils.inversion.batched_null_text_inversion` with :func:`ours_settings`: the
 reference's update rule, frozen weights, batched across images, a shorter optimizer schedule).
 
-Ablations (on the first ``ablation_scenes`` scenes): a global ∅, a random pivot, optimizing C
-instead of ∅ (textual-inversion style), and PSNR against the number of inner steps (compare with
-the row "ablation baseline: NTI library"); ours with the paper's schedule (batching and frozen
-weights alone), ours with the library's check-first rule (compare with "ablation baseline: NTI
-ours").
+Ablations (on the first ``ablation_scenes`` scenes), as the paper ran them (Sec. 4, App. D): random
+pivots (a random trajectory, z_0 noised with one Gaussian sample, as the optimization's targets), a
+global ∅ (Algorithm 2: one ∅ for all timesteps, ``global_passes`` passes; on the first
+``global_scenes`` scenes only, it is slow), optimizing C instead of ∅ (textual-inversion style), and
+PSNR against the number of inner steps; and two variants of ours that are not the paper's: a random
+start z̄_T with the DDIM pivots kept as targets, and the last ∅ of one sweep used at every step
+(compare all with the row "ablation baseline: NTI library"). Ours with the paper's schedule
+(batching and frozen weights alone) and with the library's check-first rule compare with "ablation
+baseline: NTI ours".
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from nti_utils.bench.config import DDIM_W, DDIM_W1, LIBRARY, OURS, REFERENCE, BenchConfig
 from nti_utils.bench.reference import reference_null_text_inversion
+from nti_utils.global_null import global_null_text_inversion
 from nti_utils.inversion import (
     batched_null_text_inversion,
     ddim_inversion,
@@ -68,6 +73,7 @@ class Method:
             equally among its images).
         sweep_inner_steps (`int`, *optional*): the inner-step ceiling, for the points of the
             reconstruction-vs-inner-steps ablation.
+        max_scenes (`int`, *optional*): run on the first this many scenes only.
     """
 
     name: str
@@ -77,6 +83,7 @@ class Method:
     edits: bool = True
     batched: bool = False
     sweep_inner_steps: int | None = None
+    max_scenes: int | None = None
 
 
 def _one(fn, settings: InversionSettings):
@@ -95,13 +102,33 @@ def _batched(settings: InversionSettings):
     return invert
 
 
-def _random_pivot(settings: InversionSettings):
+def _random_pivots(settings: InversionSettings):
+    """The paper's random pivot: a random trajectory as the targets (seeded by the scene)."""
+    random = dataclasses.replace(settings, pivots="random")
+
+    def invert(pipe, image, prompt, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return null_text_inversion(pipe, image, prompt, random, progress=False, generator=gen)
+
+    return invert
+
+
+def _random_start(settings: InversionSettings):
+    """Not the paper's: z̄_T from Gaussian noise, the DDIM pivots kept as targets."""
+
     def invert(pipe, image, prompt, seed):
         c, side = pipe.unet.config.in_channels, pipe.unet.config.sample_size
         noise = torch.randn((1, c, side, side), generator=torch.Generator().manual_seed(seed))
         return null_text_inversion(
             pipe, image, prompt, settings, start_latent=noise, progress=False
         )
+
+    return invert
+
+
+def _global_null(settings: InversionSettings, passes: int):
+    def invert(pipe, image, prompt, seed):
+        return global_null_text_inversion(pipe, image, prompt, settings, passes, progress=False)
 
     return invert
 
@@ -127,14 +154,23 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
     ]
     if not cfg.ablations:
         return out
+    one_sweep = dataclasses.replace(s, per_timestep=False)
     variants = {
-        "ablation: global null": _one(
-            null_text_inversion, dataclasses.replace(s, per_timestep=False)
-        ),
-        "ablation: random pivot": _random_pivot(s),
+        "ablation: random pivots": _random_pivots(s),
         "ablation: optimize C": _one(null_text_inversion, dataclasses.replace(s, optimize="cond")),
+        "variant: random start, DDIM pivots": _random_start(s),
+        "variant: last ∅ of one sweep everywhere": _one(null_text_inversion, one_sweep),
     }
     out += [Method(name, fn, group="ablation") for name, fn in variants.items()]
+    global_null = _global_null(s, cfg.global_passes)
+    out.append(
+        Method(
+            "ablation: global null (Alg. 2)",
+            global_null,
+            group="ablation",
+            max_scenes=cfg.global_scenes,
+        )
+    )
     ours_variants = {
         "ablation: ours, paper schedule": dataclasses.replace(ours, step_scale=1.0),
         "ablation: ours, check-first rule": dataclasses.replace(ours, update_rule="check-first"),

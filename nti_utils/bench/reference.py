@@ -48,10 +48,10 @@ def reference_null_text_inversion(
         uncond = uncond.clone().detach().requires_grad_(True)
         opt = torch.optim.Adam([uncond], lr=s.lr * (1.0 - i / 100.0))
         with torch.no_grad():
-            eps_c = predict_noise(unet, latent, t, cond)
+            eps_c = predict_noise(unet, latent, t, cond, schedule)
         done = 0
         for _ in range(s.inner_steps):
-            eps_u = predict_noise(unet, latent, t, uncond)
+            eps_u = predict_noise(unet, latent, t, uncond, schedule)
             z_prev = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
             loss = torch.nn.functional.mse_loss(z_prev, target)
             opt.zero_grad()
@@ -64,7 +64,7 @@ def reference_null_text_inversion(
         nulls.append(uncond.detach())
         with torch.no_grad():
             both = torch.cat([uncond, cond])
-            eps_u, eps_c = predict_noise(unet, torch.cat([latent] * 2), t, both).chunk(2)
+            eps_u, eps_c = predict_noise(unet, torch.cat([latent] * 2), t, both, schedule).chunk(2)
             latent = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
     for p in unet.parameters():
         p.grad = None

@@ -36,6 +36,12 @@ COLUMNS: tuple[str, ...] = (
 )
 """Columns of the summary (``summary.csv`` and the ``summary`` list of ``results.json``)."""
 
+MARKER = ".nti-bench"
+"""The file that marks a folder as a benchmark's output (the command line refuses a non-empty
+``--out`` without it or ``results.json``)."""
+OUTPUT_FILES = ("summary.csv", "per_scene.csv", "results.json", "table.txt", "bench.png")
+"""The files :func:`write_outputs` writes (and replaces)."""
+
 _MEANS = tuple(c for c in COLUMNS if c not in ("method", "group", "n", "sweep_inner_steps"))
 _TABLE = (  # (column, header, width, format)
     ("psnr", "PSNR", 7, ".2f"),
@@ -199,6 +205,7 @@ def write_outputs(results: dict, out: str | Path) -> str:
     """Write CSVs, JSON and the plot into `out` (created); return the table text."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).touch()
     table = format_table(results)
     _write_csv(out / "summary.csv", results["summary"], list(COLUMNS))
     per_scene = results["per_scene"]

@@ -156,10 +156,7 @@ def run(
         [*resume["context"].get("resumed_from", []), resume["context"]["date"]] if resume else []
     )
     for batch in batches:
-        plan = [
-            (m, [it for it in batch if m.group == "method" or it.index < cfg.ablation_scenes])
-            for m in all_methods
-        ]
+        plan = [(m, [it for it in batch if _runs_on(m, it, cfg)]) for m in all_methods]
         if all((m.name, it.seed) in have for m, mine in plan for it in mine):
             seeds = {it.seed for it in batch}
             rows += [r for r in done if r["seed"] in seeds]
@@ -176,6 +173,14 @@ def run(
             on_batch(_results(cfg, pipe, all_methods, rows, earlier))
     bar.close()
     return _results(cfg, pipe, all_methods, rows, earlier)
+
+
+def _runs_on(method: Method, item: BenchScene, cfg: BenchConfig) -> bool:
+    """Whether `method` runs on scene `item`: every method on every scene, ablations on the first
+    ``ablation_scenes``, and a method with `max_scenes` on that many at most."""
+    if method.max_scenes is not None and item.index >= method.max_scenes:
+        return False
+    return method.group == "method" or item.index < cfg.ablation_scenes
 
 
 def _results(
@@ -270,7 +275,24 @@ def previous_results(out: Path, cfg: BenchConfig) -> dict:
     path = Path(out) / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"--resume: no results.json in {out}; run without --resume first")
-    saved = json.loads(path.read_text())
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(
+            f"--resume: {path} is truncated or not valid JSON ({err}); the run that wrote it was "
+            "probably killed mid-write. Start over with --overwrite"
+        ) from None
+    shapes = {"config": dict, "context": dict, "per_scene": list}
+    bad = [
+        k
+        for k, t in shapes.items()
+        if not isinstance(saved, dict) or not isinstance(saved.get(k), t)
+    ]
+    if bad or not all(isinstance(r, dict) for r in saved["per_scene"]):
+        raise ValueError(
+            f"--resume: {path} is not a benchmark's results.json (missing or malformed: "
+            f"{bad or ['per_scene rows']}); start over with --overwrite"
+        )
     mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
     diff = {k: (saved["config"].get(k), v) for k, v in mine.items() if saved["config"].get(k) != v}
     if diff:

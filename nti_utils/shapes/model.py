@@ -125,9 +125,11 @@ def build_text_encoder(cfg: ModelConfig, tokenizer: CLIPTokenizer) -> CLIPTextMo
     return CLIPTextModel(config)
 
 
-def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
-    """A randomly initialized `UNet2DConditionModel` of the given sizes."""
-    return UNet2DConditionModel(
+def build_unet(cfg: ModelConfig, **options) -> UNet2DConditionModel:
+    """A randomly initialized `UNet2DConditionModel` of the given sizes; `options` are further
+    `UNet2DConditionModel` arguments, or replace those the config sets (e.g. SD 2.x's
+    ``use_linear_projection=True``)."""
+    kwargs = dict(
         sample_size=cfg.unet_sample_size or cfg.latent_size,
         in_channels=cfg.latent_channels,
         out_channels=cfg.latent_channels,
@@ -139,6 +141,7 @@ def build_unet(cfg: ModelConfig) -> UNet2DConditionModel:
         attention_head_dim=cfg.unet_attention_head_dim,
         norm_num_groups=cfg.unet_norm_groups,
     )
+    return UNet2DConditionModel(**(kwargs | options))
 
 
 def build_models(
