@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from nti_utils.ddim import ddim_step, guide, predict_noise
 from nti_utils.images import ImageLike
-from nti_utils.inversion import _prepare, _single
 from nti_utils.models import frozen
+from nti_utils.pivots import prepare, single
 from nti_utils.result import InversionResult, InversionSettings
 
 PAPER_STEPS = 7_500
@@ -65,8 +65,8 @@ def global_null_text_inversion(
     """
     if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
-    s, unet = settings, pipe.unet
-    prep = _prepare(pipe, _single(image), [prompt], s, progress=False)
+    s, unet = InversionSettings.check(settings), pipe.unet
+    prep = prepare(pipe, single(image), [prompt], s, progress=False)
     schedule, pivots, cond = prep.schedule, prep.pivots, prep.cond
     n = len(schedule)
     null = prep.null.detach().float().clone().requires_grad_(True)

@@ -1,4 +1,5 @@
-"""Prompt-to-Prompt (Hertz et al. 2022) controllers and the edit entry point.
+"""Prompt-to-Prompt (Hertz et al. 2022) controllers; :mod:`nti_utils.editing` builds them from
+settings and runs the edit.
 
 Source and target prompts run in one batch from the same inverted latent z̄_T (prompt 0 is the source,
 the rest are targets). Controllers change the targets' attention:
@@ -10,8 +11,8 @@ the rest are targets). Controllers change the targets' attention:
   chosen words multiplied by a factor (the "equalizer"), as the original ``AttentionReweight``.
 * all of them inject the source's *self*-attention for the first steps (fused, without
   materializing the self-attention maps).
-* :class:`LocalBlend`: after each step, keep the source latent outside a mask built from the
-  cross-attention of chosen words, ``z_target <- z_source + mask * (z_target - z_source)``.
+* a :class:`~nti_utils.local_blend.LocalBlend` (its own module) restricts any of them to the
+  region of chosen words.
 
 Cross-attention replacement runs during a fraction (or a window, or per word) of the steps,
 `cross_replace_steps`; self-attention injection during `self_replace_steps`.
@@ -21,24 +22,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
-from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from nti_utils.align import prompt_tokens, refine_alignment, replace_mapper, word_token_indices
 from nti_utils.attention import (
     AttentionStore,
     LayerInfo,
-    controlled_attention,
 )
-from nti_utils.ddim import DDIMSchedule, sample
-from nti_utils.images import latents_to_pil
-from nti_utils.models import embed_prompts
-from nti_utils.result import InversionResult, check_compatible
+
+if TYPE_CHECKING:
+    from nti_utils.local_blend import LocalBlend
 
 Steps = float | tuple[float, float]
 
@@ -384,250 +380,3 @@ def equalizer(
         for word, w in weights.items():
             eq[j, word_token_indices(tokenizer, prompt, word)] = w
     return eq
-
-
-@dataclass
-class LocalBlend:
-    """Restrict an edit to the region of chosen words.
-
-    Args:
-        words (`Sequence[Sequence[str]]`): for each prompt (source first), the words whose
-            cross-attention marks the region; the union over prompts is kept.
-        tokenizer: the pipeline's tokenizer.
-        prompts (`Sequence[str]`): the edit's prompts.
-        threshold (`float`, defaults to 0.3): of the max-normalized map.
-        start_step (`int`, defaults to 0): blend only after this many steps.
-        subtract_words (`Sequence[Sequence[str]]`, *optional*): regions to remove from the mask.
-        resolution (`int`, *optional*): map resolution; defaults to
-            :func:`~nti_utils.attention.default_map_resolution`.
-
-    Attributes:
-        masks (`list[torch.Tensor]`): the mask used at each blended step, (P, 1, h, w).
-    """
-
-    words: Sequence[Sequence[str]]
-    tokenizer: PreTrainedTokenizerBase
-    prompts: Sequence[str]
-    threshold: float = 0.3
-    start_step: int = 0
-    subtract_words: Sequence[Sequence[str]] | None = None
-    resolution: int | None = None
-
-    def __post_init__(self) -> None:
-        self.prompts = check_prompts(self.prompts)
-        t = self.threshold
-        if not _finite_number(t) or not 0 <= float(t) <= 1:
-            raise ValueError(
-                f"LocalBlend threshold must be a number in [0, 1] (of the max-normalized map), "
-                f"got {t!r}"
-            )
-        self.alpha = self._word_alpha(self.words)
-        self.subtract = self._word_alpha(self.subtract_words) if self.subtract_words else None
-        self.masks: list[torch.Tensor] = []
-
-    def _word_alpha(self, words: Sequence[Sequence[str]]) -> torch.Tensor:
-        if len(words) != len(self.prompts):
-            raise ValueError(f"give words for each of the {len(self.prompts)} prompts (maybe [])")
-        alpha = torch.zeros(len(self.prompts), self.tokenizer.model_max_length)
-        for i, (prompt, ws) in enumerate(zip(self.prompts, words)):
-            for w in [ws] if isinstance(ws, str) else ws:
-                alpha[i, word_token_indices(self.tokenizer, prompt, w)] = 1.0
-        return alpha
-
-    def _mask(self, maps: torch.Tensor, alpha: torch.Tensor, size: tuple[int, int], pool: bool):
-        m = (maps * alpha.to(maps)[:, None, None, :]).sum(-1)[:, None]  # (P, 1, h, w)
-        if pool:
-            m = F.max_pool2d(m, 3, stride=1, padding=1)
-        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-        m = m / m.amax(dim=(2, 3), keepdim=True).clamp_min(1e-8)
-        mask = m > self.threshold
-        return mask[:1] | mask  # the source's region counts for every prompt
-
-    def __call__(self, store: AttentionStore, i: int, latents: torch.Tensor) -> torch.Tensor | None:
-        if i < self.start_step:
-            return None
-        res = self.resolution or store.map_resolution
-        maps = store.maps(res)  # (P, h, w, L)
-        mask = self._mask(maps, self.alpha, latents.shape[2:], pool=True)
-        if self.subtract is not None:
-            mask = mask & ~self._mask(maps, self.subtract, latents.shape[2:], pool=False)
-        self.masks.append(mask.cpu())
-        mask = mask.to(latents.dtype)
-        return latents[:1] + mask * (latents - latents[:1])
-
-
-EDITS = ("replace", "refine")
-"""The edits :func:`build_controller` makes: a word swap (:class:`Replace`) or a refinement
-(:class:`Refine`)."""
-
-
-def build_controller(
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    num_steps: int,
-    *,
-    edit: str = "replace",
-    cross_replace_steps: Steps | dict[str, Steps] = 0.8,
-    self_replace_steps: Steps = 0.4,
-    self_replace_max_side: int | None = None,
-    blend_words: Sequence[Sequence[str]] | None = None,
-    blend_threshold: float = 0.3,
-    blend_resolution: int | None = None,
-    reweight: dict[str, float] | None = None,
-) -> AttentionEdit:
-    """Build a Prompt-to-Prompt controller from plain settings: a :class:`Replace` or
-    :class:`Refine`, with a :class:`LocalBlend` and a :class:`Reweight` on top when asked for.
-
-    This is the one place where settings become a controller (the batch command, the ablation panel
-    and the shapes-world recipes all call it).
-
-    Args:
-        tokenizer (`PreTrainedTokenizerBase`): the pipeline's tokenizer.
-        prompts (`Sequence[str]`): source first, then targets.
-        num_steps (`int`): DDIM steps of the inversion to edit.
-        edit (`str`, defaults to ``"replace"``): ``"replace"`` (word swap, prompts aligned token for
-            token) or ``"refine"`` (words added or changed).
-        cross_replace_steps (`float`, `(start, end)` or `dict`, defaults to 0.8): when targets take
-            the source's cross-attention, see :func:`cross_replace_alphas`.
-        self_replace_steps (`float` or `(start, end)`, defaults to 0.4): when targets take the
-            source's self-attention.
-        self_replace_max_side (`int`, *optional*): only layers at most this large get self-attention
-            injection; defaults to the map resolution (see :class:`AttentionEdit`).
-        blend_words (`Sequence[Sequence[str]]`, *optional*): words per prompt (source first) for a
-            :class:`LocalBlend`; none (or empty) for no blend.
-        blend_threshold (`float`, defaults to 0.3): the blend mask's threshold.
-        blend_resolution (`int`, *optional*): the map resolution the blend mask is built from;
-            defaults to the controller's map resolution.
-        reweight (`dict[str, float]`, *optional*): target word -> factor for a :class:`Reweight`
-            wrapping the edit; none (or empty) for no re-weighting.
-
-    Returns:
-        `AttentionEdit`: the controller, to pass to :func:`edit`.
-
-    Raises:
-        ValueError: if `edit` is not one of :data:`EDITS`, or the prompts do not fit the edit (a
-            replace whose target does not align token for token, a blend or reweight word that is
-            not in its prompt).
-
-    Example:
-
-    ```py
-    >>> ctrl = build_controller(
-    ...     pipe.tokenizer,
-    ...     ["a red circle on a white background", "a red square on a white background"],
-    ...     50,
-    ...     blend_words=[["circle"], ["square"]],
-    ... )
-    >>> out = edit(pipe, inversion, ctrl.prompts, ctrl)
-    ```
-    """
-    if edit not in EDITS:
-        raise ValueError(f"`edit` must be one of {EDITS}, got {edit!r}")
-    prompts = list(prompts)
-    local_blend = None
-    if blend_words:
-        local_blend = LocalBlend(
-            blend_words, tokenizer, prompts, threshold=blend_threshold, resolution=blend_resolution
-        )
-    cls = Replace if edit == "replace" else Refine
-    windows = dict(
-        cross_replace_steps=cross_replace_steps,
-        self_replace_steps=self_replace_steps,
-        self_replace_max_side=self_replace_max_side,
-    )
-    if not reweight:
-        return cls(tokenizer, prompts, num_steps, local_blend=local_blend, **windows)
-    base = cls(tokenizer, prompts, num_steps, **windows)  # its mapping; the wrapper blends
-    eq = equalizer(tokenizer, prompts, reweight)
-    return Reweight(
-        tokenizer, prompts, num_steps, eq, base=base, local_blend=local_blend, **windows
-    )
-
-
-@dataclass
-class EditOutput:
-    """What :func:`edit` returns: images (source reconstruction first), their latents (P, C, h, w),
-    the prompts, and the controller (its stored attention maps can be plotted)."""
-
-    images: list[Image.Image]
-    latents: torch.Tensor
-    prompts: list[str]
-    controller: AttentionStore
-
-
-def edit(
-    pipe: StableDiffusionPipeline,
-    inversion: InversionResult,
-    prompts: Sequence[str],
-    controller: AttentionStore | None = None,
-    guidance_scale: float | None = None,
-    progress: bool = True,
-    allow_other_source: bool = False,
-) -> EditOutput:
-    """Edit an inverted image: sample the source and target prompts in one batch from z̄_T with the
-    per-step null embeddings ∅_t and the controller installed.
-
-    Args:
-        pipe (`StableDiffusionPipeline`): the model the image was inverted with.
-        inversion (`InversionResult`): from null-text (or another) inversion; its per-step
-            conditional offsets, if any, are added to every prompt's embedding.
-        prompts (`Sequence[str]`): a list: the source prompt (the inversion's) first, then the
-            targets.
-        controller (`AttentionStore`, *optional*): e.g. :class:`Replace`, built for these prompts
-            and the inversion's steps; a plain `AttentionStore` (the default) edits nothing and only
-            records maps.
-        guidance_scale (`float`, *optional*): defaults to the inversion's w; finite.
-        progress (`bool`, defaults to `True`): show a tqdm bar.
-        allow_other_source (`bool`, defaults to `False`): allow a source prompt other than the
-            inversion's (z̄_T and ∅_t reconstruct the image only with the inversion's prompt, so by
-            default that is an error).
-
-    Returns:
-        :class:`EditOutput`; ``images[0]`` is the source reconstruction.
-
-    Raises:
-        TypeError: `prompts` is a string or holds non-strings.
-        ValueError: the controller was built for other prompts or steps, ``prompts[0]`` is not
-            the inversion's prompt (unless `allow_other_source`), or the guidance scale is not a
-            finite number.
-    """
-    check_compatible(inversion, pipe)
-    prompts = check_prompts(prompts)
-    if prompts[0] != inversion.prompt and not allow_other_source:
-        raise ValueError(
-            f"prompts[0] must be the inversion's source prompt {inversion.prompt!r}, got "
-            f"{prompts[0]!r}; pass allow_other_source=True to edit from another source prompt"
-        )
-    controller = controller if controller is not None else AttentionStore()
-    w = inversion.settings.guidance_scale if guidance_scale is None else guidance_scale
-    if not _finite_number(w):
-        raise ValueError(f"guidance_scale must be a finite number, got {w!r}")
-    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, inversion.settings.num_steps)
-    if isinstance(controller, AttentionEdit):
-        if controller.prompts != prompts:
-            raise ValueError(
-                f"controller was built for the prompts {controller.prompts}, edit got {prompts}; "
-                "build it with the prompts you edit"
-            )
-        if controller.num_steps != len(schedule):
-            raise ValueError(
-                f"controller built for {controller.num_steps} steps, inversion has {len(schedule)}"
-            )
-    dev = pipe.unet.device
-    cond = embed_prompts(pipe, prompts)
-    latents = inversion.latent_T.to(dev, pipe.unet.dtype).expand(len(prompts), -1, -1, -1).clone()
-    nulls = [u.to(dev, pipe.unet.dtype) for u in inversion.uncond_per_step()]
-    controller.begin(len(prompts), tuple(latents.shape[2:]))
-    with controlled_attention(pipe.unet, controller):
-        out = sample(
-            pipe.unet,
-            latents,
-            cond,
-            schedule,
-            w,
-            nulls,
-            callback=controller.step_end,
-            progress=progress,
-            cond_offsets=inversion.cond_offsets_per_step(),
-        )
-    return EditOutput(latents_to_pil(pipe, out.latents), out.latents, prompts, controller)

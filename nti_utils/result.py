@@ -140,6 +140,18 @@ class InversionSettings:
                     f"InversionSettings.{name} must be {allowed}, got {getattr(self, name)!r}"
                 )
 
+    @classmethod
+    def check(cls, settings: object) -> InversionSettings:
+        """`settings` if it is an :class:`InversionSettings`, else a `TypeError` that says how to
+        make one (a dict of fields is a common slip)."""
+        if not isinstance(settings, cls):
+            raise TypeError(
+                f"settings must be an InversionSettings, got {type(settings).__name__} "
+                f"({settings!r}); make one with InversionSettings(num_steps=..., ...) or "
+                "InversionSettings.from_dict(d)"
+            )
+        return settings
+
     @property
     def effective_lr(self) -> float:
         """Adam's learning rate at the first timestep: ``lr * step_scale``."""

@@ -8,7 +8,8 @@ import torch
 from nti_utils.ddim import DDIMSchedule
 from nti_utils.global_null import global_null_text_inversion
 from nti_utils.images import image_to_latents
-from nti_utils.inversion import ddim_inversion, null_text_inversion, random_trajectory, reconstruct
+from nti_utils.inversion import ddim_inversion, null_text_inversion, reconstruct
+from nti_utils.pivots import random_trajectory
 from nti_utils.result import InversionSettings
 
 PROMPT = "a red circle on a white background"

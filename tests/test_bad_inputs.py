@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTokenizer
 
-from nti_utils import inversion, metrics, models
+from nti_utils import metrics, models, pivots
 from nti_utils.align import check_prompt, word_token_indices
 from nti_utils.images import decode, encode, load_image
 from nti_utils.inversion import batched_null_text_inversion, ddim_inversion, null_text_inversion
@@ -215,8 +215,8 @@ def no_work(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("expensive work started before validation")
 
-    monkeypatch.setattr(inversion, "encode", boom)
-    monkeypatch.setattr(inversion, "invert", boom)
+    monkeypatch.setattr(pivots, "encode", boom)
+    monkeypatch.setattr(pivots, "invert", boom)
 
 
 @pytest.mark.parametrize(
@@ -535,3 +535,10 @@ def test_good_file_still_loads(saved):
 def test_metrics_refuse_bad_images(a, b, kwargs, err, match):
     with pytest.raises(err, match=match):
         metrics.psnr(a, b, **kwargs)
+
+
+@pytest.mark.parametrize("settings", [{"num_steps": 5}, None, 50, "paper"])
+@pytest.mark.parametrize("fn", [null_text_inversion, ddim_inversion])
+def test_settings_that_are_not_inversion_settings(tiny_pipe, small_scene, no_work, fn, settings):
+    with pytest.raises(TypeError, match="settings must be an InversionSettings"):
+        fn(tiny_pipe, small_scene.render(), PROMPT, settings)

@@ -161,7 +161,7 @@ def test_optimizing_the_conditional_embedding_ablation(tiny_pipe, small_scene, t
 
 
 def test_edit_adds_the_conditional_offsets_to_every_prompt(tiny_pipe, small_scene):
-    from nti_utils.p2p import edit
+    from nti_utils.editing import edit
 
     settings = dataclasses.replace(SETTINGS, optimize="cond", num_steps=4, inner_steps=2)
     res = null_text_inversion(tiny_pipe, small_scene.render(), PROMPT, settings, progress=False)

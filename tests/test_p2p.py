@@ -13,17 +13,11 @@ from nti_utils.attention import (
     layer_infos,
 )
 from nti_utils.ddim import DDIMSchedule, sample
+from nti_utils.editing import build_controller, edit
 from nti_utils.inversion import null_text_inversion
+from nti_utils.local_blend import LocalBlend
 from nti_utils.models import embed_prompts
-from nti_utils.p2p import (
-    LocalBlend,
-    Refine,
-    Replace,
-    Reweight,
-    build_controller,
-    edit,
-    equalizer,
-)
+from nti_utils.p2p import Refine, Replace, Reweight, equalizer
 from nti_utils.result import InversionSettings
 
 SRC = "a red circle on a white background"

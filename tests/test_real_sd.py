@@ -17,11 +17,12 @@ from nti_utils.ddim import (
     sample,
     v_to_x0,
 )
+from nti_utils.editing import edit
 from nti_utils.images import decode, image_to_latents
 from nti_utils.inversion import ddim_inversion, lr_at, null_text_inversion, reconstruct
 from nti_utils.metrics import psnr
 from nti_utils.models import embed_prompts, load_pipeline, scheduler_hash, sd_ddim_scheduler
-from nti_utils.p2p import Replace, edit
+from nti_utils.p2p import Replace
 from nti_utils.result import InversionSettings
 from nti_utils.sampling import generate
 from nti_utils.testing import SD2_SCHEDULER_CONFIG, tiny_pipeline, tiny_sd2_pipeline

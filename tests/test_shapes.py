@@ -148,7 +148,7 @@ def test_training_runs_end_to_end_and_resumes(tmp_path):
 
 
 def test_corrupted_captions_keep_the_grammar_and_change_words_at_the_asked_rate():
-    from nti_utils.shapes.train import corrupt_caption
+    from nti_utils.shapes.data import corrupt_caption
     from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, parse_caption
 
     caption = "a red circle and a blue square on a white background"

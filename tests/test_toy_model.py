@@ -7,9 +7,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from nti_utils.attention import cross_attention_resolutions, default_map_resolution
+from nti_utils.editing import edit
 from nti_utils.inversion import InversionSettings, null_text_inversion
 from nti_utils.models import TOY_MODEL_DIR, load_pipeline
-from nti_utils.p2p import edit
 from nti_utils.shapes import seeds
 from nti_utils.shapes.evaluate import shape_swaps
 from nti_utils.shapes.model import EMBEDDED, build_models

@@ -6,8 +6,9 @@ import torch
 from PIL import Image
 
 from nti_utils.attention import cross_attention_resolutions, finest_map_resolution
+from nti_utils.editing import edit
 from nti_utils.inversion import null_text_inversion
-from nti_utils.p2p import Replace, Reweight, edit
+from nti_utils.p2p import Replace, Reweight
 from nti_utils.result import InversionSettings
 from nti_utils.shapes.edits import (
     EDIT_KINDS,

@@ -17,8 +17,8 @@ are refused with what they look like. Every field is checked for its type and ra
 
 Only `image`, `source` and `targets` are required; `id` defaults to the image's stem, `edit` to
 ``"replace"`` (word swap; ``"refine"`` for prompts of different lengths). `blend_words` (one list
-per prompt, source first) adds a :class:`~nti_utils.p2p.LocalBlend`, `reweight` a
-:class:`~nti_utils.p2p.Reweight` on top of the edit (:func:`~nti_utils.p2p.build_controller`).
+per prompt, source first) adds a :class:`~nti_utils.local_blend.LocalBlend`, `reweight` a
+:class:`~nti_utils.p2p.Reweight` on top of the edit (:func:`~nti_utils.editing.build_controller`).
 
 Output, per item, in ``<out>/items/<id>/``: ``inversion.safetensors``
 (:func:`~nti_utils.result.save_inversion`), ``source.png`` (the reconstruction), ``edit_<k>.png``

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nti_utils.align import check_prompt
-from nti_utils.p2p import EDITS, AttentionEdit, build_controller
+from nti_utils.editing import EDITS, build_controller
+from nti_utils.p2p import AttentionEdit
 
 if TYPE_CHECKING:
     from nti_utils.batch.runner import BatchSettings
@@ -51,7 +52,7 @@ class Item:
         edit (`str`): ``"replace"`` (:class:`~nti_utils.p2p.Replace`) or ``"refine"``.
         cross_replace_steps, self_replace_steps: as :class:`~nti_utils.p2p.AttentionEdit` takes
             them (JSON lists become ``(start, end)`` windows).
-        blend_words (`tuple`, *optional*): words per prompt for a :class:`~nti_utils.p2p.LocalBlend`.
+        blend_words (`tuple`, *optional*): words per prompt for a :class:`~nti_utils.local_blend.LocalBlend`.
         reweight (`dict[str, float]`, *optional*): word -> factor for :class:`~nti_utils.p2p.Reweight`.
     """
 

@@ -30,11 +30,11 @@ import transformers
 from tqdm.auto import tqdm
 
 from nti_utils.batch.manifest import Item, load_items, read_manifest
+from nti_utils.editing import edit
 from nti_utils.images import load_image, model_resolution
 from nti_utils.inversion import null_text_inversion
 from nti_utils.metrics import psnr, ssim
 from nti_utils.models import load_pipeline, model_fingerprint, scheduler_hash
-from nti_utils.p2p import edit
 from nti_utils.result import InversionSettings, save_inversion
 
 STOP_AFTER_ENV = "NTI_BATCH_STOP_AFTER"

@@ -14,8 +14,9 @@ import numpy as np
 from PIL import Image
 
 from nti_utils.attention import finest_map_resolution
+from nti_utils.editing import EditOutput, build_controller, edit
 from nti_utils.metrics import psnr
-from nti_utils.p2p import AttentionEdit, EditOutput, build_controller, edit
+from nti_utils.p2p import AttentionEdit
 from nti_utils.result import InversionResult
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, Scene, edit_region
@@ -84,7 +85,7 @@ class EditRecipe:
         cross_replace_steps (`float`): fraction of the steps in which the target takes the
             source's cross-attention maps.
         self_replace_steps (`float`): same for self-attention.
-        blend (`bool`): add a :class:`~nti_utils.p2p.LocalBlend` on the edited object's shape word.
+        blend (`bool`): add a :class:`~nti_utils.local_blend.LocalBlend` on the edited object's shape word.
         blend_threshold (`float`, defaults to 0.3): its threshold.
         blend_finest (`bool`, defaults to `False`): build its mask from the finest cross-attention
             maps (the latent's own size) instead of Prompt-to-Prompt's default resolution.
@@ -124,7 +125,7 @@ def edit_controller(
 ) -> AttentionEdit:
     """The Prompt-to-Prompt controller for `case`: a :class:`~nti_utils.p2p.Replace` with the
     case kind's :data:`RECIPES` entry (or `recipe`), built by
-    :func:`~nti_utils.p2p.build_controller`.
+    :func:`~nti_utils.editing.build_controller`.
 
     Args:
         case (`EditCase`): the edit.

@@ -38,6 +38,7 @@ from nti_utils.models import embed_prompts, load_pipeline
 from nti_utils.result import InversionSettings
 from nti_utils.sampling import generate
 from nti_utils.shapes.attn_loss import shape_attention_inside
+from nti_utils.shapes.data import single_object_prompts
 from nti_utils.shapes.edits import edit_case, edit_rates, make_edit
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.seeds import (
@@ -47,7 +48,6 @@ from nti_utils.shapes.seeds import (
     TRAINER_CHECK,
     TWO_OBJECTS,
 )
-from nti_utils.shapes.train import single_object_prompts
 from nti_utils.shapes.world import scene_from_seed
 
 DEFAULT_GUIDANCE = 7.5

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
@@ -52,6 +52,13 @@ from nti_utils.models import sd_ddim_scheduler
 from nti_utils.sampling import generate
 from nti_utils.shapes import seeds
 from nti_utils.shapes.attn_loss import AttentionSupervision, build_targets, shape_attention_inside
+from nti_utils.shapes.data import (
+    corrupt_caption,
+    render_dataset,
+    single_object_prompts,
+    to_tensor,
+    vae_psnr,
+)
 from nti_utils.shapes.model import (
     EMBEDDED,
     TINY_TRAINER,
@@ -61,7 +68,6 @@ from nti_utils.shapes.model import (
 )
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.tokenizer import build_tokenizer
-from nti_utils.shapes.world import BACKGROUNDS, OBJECT_COLORS, SHAPES, make_caption, scene_from_seed
 
 
 @dataclass(frozen=True)
@@ -90,68 +96,12 @@ class TrainConfig:
     seed: int = 0
 
 
-def render_dataset(seeds: range, p_two: float = 0.3) -> tuple[np.ndarray, list[str]]:
-    """Render scenes numbered `seeds`: images (N, 64, 64, 3) uint8 and their captions."""
-    images, captions = [], []
-    for s in tqdm(seeds, desc="render", leave=False):
-        rng = np.random.default_rng(s)
-        scene = scene_from_seed(s, n_objects=2 if rng.random() < p_two else 1)
-        images.append(np.asarray(scene.render()))
-        captions.append(scene.caption())
-    return np.stack(images), captions
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def vae_psnr(vae: AutoencoderKL, images: np.ndarray, batch: int = 50) -> float:
-    """Mean PSNR (dB) of the VAE round trip (posterior mean) over uint8 images (N, H, W, 3)."""
-    vals = []
-    with torch.no_grad():
-        for i in range(0, len(images), batch):
-            x = to_tensor(images[i : i + batch])
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-            mse = ((y - x) / 2).pow(2).flatten(1).mean(1)
-            vals.append(10 * torch.log10(1.0 / mse))
-    return float(torch.cat(vals).mean())
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
     """Linear warm-up then cosine decay to ``min_ratio * peak``."""
     if step < warmup:
         return peak * (step + 1) / warmup
     p = (step - warmup) / max(1, total - warmup)
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
-
-
-_WORD_SETS = (tuple(OBJECT_COLORS), SHAPES, tuple(BACKGROUNDS))
-
-
-def corrupt_caption(caption: str, p_wrong: float, rng: np.random.Generator) -> str:
-    """Replace each attribute word (object color, shape, background) independently with
-    probability `p_wrong` by another word of the same kind, as web captions are sometimes wrong.
-
-    The word count and positions are kept, so token positions (attention targets) stay valid. With
-    such labels the conditional model follows a prompt only partly and classifier-free guidance
-    sharpens it, as in Stable Diffusion.
-    """
-    if p_wrong <= 0:
-        return caption
-    words = caption.split(" ")
-    for i, word in enumerate(words):
-        for kind in _WORD_SETS:
-            if word in kind and rng.random() < p_wrong:
-                words[i] = str(rng.choice([w for w in kind if w != word]))
-    return " ".join(words)
-
-
-def single_object_prompts() -> list[str]:
-    """All 45 single-object captions (5 colors x 3 shapes x 3 backgrounds)."""
-    return [
-        make_caption(((c, k),), bg) for bg in BACKGROUNDS for c in OBJECT_COLORS for k in SHAPES
-    ]
 
 
 class Trainer:

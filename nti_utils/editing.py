@@ -1,0 +1,209 @@
+"""Editing an inverted image with Prompt-to-Prompt: a controller from plain settings
+(:func:`build_controller`) and the edit itself (:func:`edit`).
+
+Source and target prompts run in one batch from the inversion's z̄_T, with its ∅_t at step t; the
+controller (:mod:`nti_utils.p2p`, :mod:`nti_utils.local_blend`) changes the targets' attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from transformers import PreTrainedTokenizerBase
+
+from nti_utils.attention import AttentionStore, controlled_attention
+from nti_utils.ddim import DDIMSchedule, sample
+from nti_utils.images import latents_to_pil
+from nti_utils.local_blend import LocalBlend
+from nti_utils.models import embed_prompts
+from nti_utils.p2p import (
+    AttentionEdit,
+    Refine,
+    Replace,
+    Reweight,
+    Steps,
+    _finite_number,
+    check_prompts,
+    equalizer,
+)
+from nti_utils.result import InversionResult, check_compatible
+
+EDITS = ("replace", "refine")
+"""The edits :func:`build_controller` makes: a word swap (:class:`Replace`) or a refinement
+(:class:`Refine`)."""
+
+
+def build_controller(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_steps: int,
+    *,
+    edit: str = "replace",
+    cross_replace_steps: Steps | dict[str, Steps] = 0.8,
+    self_replace_steps: Steps = 0.4,
+    self_replace_max_side: int | None = None,
+    blend_words: Sequence[Sequence[str]] | None = None,
+    blend_threshold: float = 0.3,
+    blend_resolution: int | None = None,
+    reweight: dict[str, float] | None = None,
+) -> AttentionEdit:
+    """Build a Prompt-to-Prompt controller from plain settings: a :class:`Replace` or
+    :class:`Refine`, with a :class:`LocalBlend` and a :class:`Reweight` on top when asked for.
+
+    This is the one place where settings become a controller (the batch command, the ablation panel
+    and the shapes-world recipes all call it).
+
+    Args:
+        tokenizer (`PreTrainedTokenizerBase`): the pipeline's tokenizer.
+        prompts (`Sequence[str]`): source first, then targets.
+        num_steps (`int`): DDIM steps of the inversion to edit.
+        edit (`str`, defaults to ``"replace"``): ``"replace"`` (word swap, prompts aligned token for
+            token) or ``"refine"`` (words added or changed).
+        cross_replace_steps (`float`, `(start, end)` or `dict`, defaults to 0.8): when targets take
+            the source's cross-attention, see :func:`cross_replace_alphas`.
+        self_replace_steps (`float` or `(start, end)`, defaults to 0.4): when targets take the
+            source's self-attention.
+        self_replace_max_side (`int`, *optional*): only layers at most this large get self-attention
+            injection; defaults to the map resolution (see :class:`AttentionEdit`).
+        blend_words (`Sequence[Sequence[str]]`, *optional*): words per prompt (source first) for a
+            :class:`LocalBlend`; none (or empty) for no blend.
+        blend_threshold (`float`, defaults to 0.3): the blend mask's threshold.
+        blend_resolution (`int`, *optional*): the map resolution the blend mask is built from;
+            defaults to the controller's map resolution.
+        reweight (`dict[str, float]`, *optional*): target word -> factor for a :class:`Reweight`
+            wrapping the edit; none (or empty) for no re-weighting.
+
+    Returns:
+        `AttentionEdit`: the controller, to pass to :func:`edit`.
+
+    Raises:
+        ValueError: if `edit` is not one of :data:`EDITS`, or the prompts do not fit the edit (a
+            replace whose target does not align token for token, a blend or reweight word that is
+            not in its prompt).
+
+    Example:
+
+    ```py
+    >>> ctrl = build_controller(
+    ...     pipe.tokenizer,
+    ...     ["a red circle on a white background", "a red square on a white background"],
+    ...     50,
+    ...     blend_words=[["circle"], ["square"]],
+    ... )
+    >>> out = edit(pipe, inversion, ctrl.prompts, ctrl)
+    ```
+    """
+    if edit not in EDITS:
+        raise ValueError(f"`edit` must be one of {EDITS}, got {edit!r}")
+    prompts = list(prompts)
+    local_blend = None
+    if blend_words:
+        local_blend = LocalBlend(
+            blend_words, tokenizer, prompts, threshold=blend_threshold, resolution=blend_resolution
+        )
+    cls = Replace if edit == "replace" else Refine
+    windows = dict(
+        cross_replace_steps=cross_replace_steps,
+        self_replace_steps=self_replace_steps,
+        self_replace_max_side=self_replace_max_side,
+    )
+    if not reweight:
+        return cls(tokenizer, prompts, num_steps, local_blend=local_blend, **windows)
+    base = cls(tokenizer, prompts, num_steps, **windows)  # its mapping; the wrapper blends
+    eq = equalizer(tokenizer, prompts, reweight)
+    return Reweight(
+        tokenizer, prompts, num_steps, eq, base=base, local_blend=local_blend, **windows
+    )
+
+
+@dataclass
+class EditOutput:
+    """What :func:`edit` returns: images (source reconstruction first), their latents (P, C, h, w),
+    the prompts, and the controller (its stored attention maps can be plotted)."""
+
+    images: list[Image.Image]
+    latents: torch.Tensor
+    prompts: list[str]
+    controller: AttentionStore
+
+
+def edit(
+    pipe: StableDiffusionPipeline,
+    inversion: InversionResult,
+    prompts: Sequence[str],
+    controller: AttentionStore | None = None,
+    guidance_scale: float | None = None,
+    progress: bool = True,
+    allow_other_source: bool = False,
+) -> EditOutput:
+    """Edit an inverted image: sample the source and target prompts in one batch from z̄_T with the
+    per-step null embeddings ∅_t and the controller installed.
+
+    Args:
+        pipe (`StableDiffusionPipeline`): the model the image was inverted with.
+        inversion (`InversionResult`): from null-text (or another) inversion; its per-step
+            conditional offsets, if any, are added to every prompt's embedding.
+        prompts (`Sequence[str]`): a list: the source prompt (the inversion's) first, then the
+            targets.
+        controller (`AttentionStore`, *optional*): e.g. :class:`Replace`, built for these prompts
+            and the inversion's steps; a plain `AttentionStore` (the default) edits nothing and only
+            records maps.
+        guidance_scale (`float`, *optional*): defaults to the inversion's w; finite.
+        progress (`bool`, defaults to `True`): show a tqdm bar.
+        allow_other_source (`bool`, defaults to `False`): allow a source prompt other than the
+            inversion's (z̄_T and ∅_t reconstruct the image only with the inversion's prompt, so by
+            default that is an error).
+
+    Returns:
+        :class:`EditOutput`; ``images[0]`` is the source reconstruction.
+
+    Raises:
+        TypeError: `prompts` is a string or holds non-strings.
+        ValueError: the controller was built for other prompts or steps, ``prompts[0]`` is not
+            the inversion's prompt (unless `allow_other_source`), or the guidance scale is not a
+            finite number.
+    """
+    check_compatible(inversion, pipe)
+    prompts = check_prompts(prompts)
+    if prompts[0] != inversion.prompt and not allow_other_source:
+        raise ValueError(
+            f"prompts[0] must be the inversion's source prompt {inversion.prompt!r}, got "
+            f"{prompts[0]!r}; pass allow_other_source=True to edit from another source prompt"
+        )
+    controller = controller if controller is not None else AttentionStore()
+    w = inversion.settings.guidance_scale if guidance_scale is None else guidance_scale
+    if not _finite_number(w):
+        raise ValueError(f"guidance_scale must be a finite number, got {w!r}")
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, inversion.settings.num_steps)
+    if isinstance(controller, AttentionEdit):
+        if controller.prompts != prompts:
+            raise ValueError(
+                f"controller was built for the prompts {controller.prompts}, edit got {prompts}; "
+                "build it with the prompts you edit"
+            )
+        if controller.num_steps != len(schedule):
+            raise ValueError(
+                f"controller built for {controller.num_steps} steps, inversion has {len(schedule)}"
+            )
+    dev = pipe.unet.device
+    cond = embed_prompts(pipe, prompts)
+    latents = inversion.latent_T.to(dev, pipe.unet.dtype).expand(len(prompts), -1, -1, -1).clone()
+    nulls = [u.to(dev, pipe.unet.dtype) for u in inversion.uncond_per_step()]
+    controller.begin(len(prompts), tuple(latents.shape[2:]))
+    with controlled_attention(pipe.unet, controller):
+        out = sample(
+            pipe.unet,
+            latents,
+            cond,
+            schedule,
+            w,
+            nulls,
+            callback=controller.step_end,
+            progress=progress,
+            cond_offsets=inversion.cond_offsets_per_step(),
+        )
+    return EditOutput(latents_to_pil(pipe, out.latents), out.latents, prompts, controller)
