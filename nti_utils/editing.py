@@ -15,6 +15,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
+from nti_utils.align import check_prompt
 from nti_utils.attention import AttentionStore, controlled_attention
 from nti_utils.ddim import DDIMSchedule, sample
 from nti_utils.images import latents_to_pil
@@ -169,6 +170,8 @@ def edit(
     """
     check_compatible(inversion, pipe)
     prompts = check_prompts(prompts)
+    for k, p in enumerate(prompts):  # characters the tokenizer cannot represent, length
+        check_prompt(pipe.tokenizer, p, f"prompts[{k}]")
     if prompts[0] != inversion.prompt and not allow_other_source:
         raise ValueError(
             f"prompts[0] must be the inversion's source prompt {inversion.prompt!r}, got "

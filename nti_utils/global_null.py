@@ -60,8 +60,8 @@ def global_null_text_inversion(
 
     Returns:
         :class:`~nti_utils.result.InversionResult` with method ``"global-null"``: the same ∅ at
-        every step; `losses[k]` holds pass k's per-timestep losses and `inner_steps` the updates
-        per pass.
+        every step; `losses[i]` holds step i's loss in each pass (before that pass's update of ∅
+        there) and `inner_steps[i]` the updates made at step i (one per pass).
     """
     if not isinstance(passes, int) or isinstance(passes, bool) or passes < 1:
         raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
@@ -84,8 +84,8 @@ def global_null_text_inversion(
             prompt=prompt,
             method="global-null",
             settings=s,
-            losses=[list(row) for row in losses],
-            inner_steps=[n] * len(losses),
+            losses=[[row[i] for row in losses] for i in range(n)] if losses else [],
+            inner_steps=[len(losses)] * n if losses else [],
             timings=timings,
             pivots=pivots,
             unet_calls=dict(calls),

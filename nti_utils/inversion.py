@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from nti_utils.ddim import DDIMSchedule, ddim_step, guide, predict_noise, sample
 from nti_utils.images import ImageLike
 from nti_utils.models import embed_prompts, frozen
-from nti_utils.pivots import Prepared, prepare, random_trajectory, single
+from nti_utils.pivots import Prepared, prepare, single
 from nti_utils.result import InversionResult, InversionSettings, check_compatible
 
 _AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -269,9 +269,7 @@ def batched_null_text_inversion(
     amp = torch.autocast("cuda", _AUTOCAST[s.autocast]) if s.autocast else nullcontext()
     with frozen(unet):
         # pivots in the weights' own precision; autocast only for the optimization
-        prep = prepare(pipe, images, prompts, s, progress)
-        if s.pivots == "random":  # the DDIM trajectory's z*_0 is the image's z_0
-            prep.pivots = random_trajectory(prep.pivots[0], prep.schedule, generator)
+        prep = prepare(pipe, images, prompts, s, progress, generator)
         latent_T = prep.pivots[-1]
         if start_latents is not None:
             if start_latents.shape != latent_T.shape:
@@ -370,7 +368,7 @@ def reconstruct(
     nulls = [u.to(dev) for u in result.uncond_per_step()]
     out = sample(
         pipe.unet,
-        result.latent_T.to(dev),
+        result.latent_T.to(dev, pipe.unet.dtype),
         cond,
         schedule,
         w,

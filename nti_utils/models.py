@@ -226,7 +226,8 @@ def check_model_folder(path: str | os.PathLike) -> Path:
         raise ValueError(f"{index} must hold a JSON object. " + _reload_hint(path))
     for name, (files, what) in _COMPONENT_FILES.items():
         folder = path / name
-        if not isinstance(listed.get(name), list) or listed[name][0] is None:
+        entry = listed.get(name)
+        if not isinstance(entry, list) or not entry or entry[0] is None:
             raise ValueError(
                 f"{index} lists no {name!r} component, which Stable Diffusion needs (unet, vae, "
                 "text_encoder, tokenizer, scheduler)"
@@ -253,10 +254,19 @@ def check_model_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def _weights_variant(folder: str | Path) -> str | None:
+    """``"fp16"`` for a folder whose UNet has only ``*.fp16.*`` weight files (a diffusers variant
+    that `from_pretrained` loads only when asked to), else None."""
+    unet = Path(folder) / "unet"
+    names = [f.name for ext in ("*.safetensors", "*.bin") for f in unet.glob(ext)]
+    plain = [n for n in names if ".fp16." not in n]
+    return "fp16" if names and not plain else None
+
+
 def load_pipeline(
     model: str | os.PathLike = "toy",
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     allow_download: bool = False,
 ) -> StableDiffusionPipeline:
     """Load a Stable Diffusion pipeline ready for inversion and editing.
@@ -306,6 +316,7 @@ def load_pipeline(
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
+            variant=_weights_variant(source) if local or str(model) == "toy" else None,
             dtype=dtype,
             safety_checker=None,
             feature_extractor=None,

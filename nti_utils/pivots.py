@@ -39,8 +39,11 @@ def prepare(
     prompts: Sequence[str],
     settings: InversionSettings,
     progress: bool,
+    generator: torch.Generator | None = None,
 ) -> Prepared:
-    """Latents z_0, schedule, C, ∅ and the guidance-1 DDIM trajectory (the pivots).
+    """Latents z_0, schedule, C, ∅ and the pivots: the guidance-1 DDIM trajectory, or with
+    ``settings.pivots == "random"`` a random trajectory (:func:`random_trajectory`, from
+    `generator`; no DDIM inversion is run then).
 
     Every input is checked first, before any model call: prompts (strings the tokenizer can
     represent, :func:`~nti_utils.align.check_prompt`), step count (at most the scheduler's training
@@ -86,8 +89,12 @@ def prepare(
     null = embed_prompts(pipe, "")
     timings["encode"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    pivots = invert(unet, z0, cond, schedule, guidance_scale=1.0, progress=progress)
-    timings["ddim_inversion"] = time.perf_counter() - t0
+    if settings.pivots == "random":
+        pivots = random_trajectory(z0, schedule, generator)
+        timings["random_trajectory"] = time.perf_counter() - t0
+    else:
+        pivots = invert(unet, z0, cond, schedule, guidance_scale=1.0, progress=progress)
+        timings["ddim_inversion"] = time.perf_counter() - t0
     return Prepared(schedule, cond, null, pivots, timings)
 
 

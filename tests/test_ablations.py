@@ -10,7 +10,7 @@ from nti_utils.global_null import global_null_text_inversion
 from nti_utils.images import image_to_latents
 from nti_utils.inversion import ddim_inversion, null_text_inversion, reconstruct
 from nti_utils.pivots import random_trajectory
-from nti_utils.result import InversionSettings
+from nti_utils.result import InversionSettings, load_inversion, save_inversion
 
 PROMPT = "a red circle on a white background"
 SETTINGS = InversionSettings(num_steps=8, inner_steps=4)
@@ -49,7 +49,7 @@ def test_random_pivots_are_the_targets_and_start_further_away(tiny_pipe, z0):
     assert sum(res.inner_steps) >= sum(pivotal.inner_steps)
 
 
-def test_global_null_is_one_embedding_that_improves_with_passes(tiny_pipe, z0):
+def test_global_null_is_one_embedding_that_improves_with_passes(tiny_pipe, z0, tmp_path):
     seen = []
     res = global_null_text_inversion(
         tiny_pipe,
@@ -63,11 +63,16 @@ def test_global_null_is_one_embedding_that_improves_with_passes(tiny_pipe, z0):
     n = SETTINGS.num_steps
     assert res.method == "global-null" and [k for k, _ in seen] == list(range(1, 7))
     assert all(torch.equal(e, res.null_embeddings[0]) for e in res.null_embeddings)
-    assert len(res.losses) == 6 and all(len(row) == n for row in res.losses)
+    assert len(res.losses) == n and all(len(row) == 6 for row in res.losses)  # per step, per pass
+    assert res.inner_steps == [6] * n
     assert res.unet_calls == {"forward": 2 * 6 * n, "backward": 6 * n}
-    assert sum(res.losses[-1]) < sum(res.losses[0])  # later passes fit the pivots better
+    first, last = sum(row[0] for row in res.losses), sum(row[-1] for row in res.losses)
+    assert last < first  # later passes fit the pivots better
     assert seen[-1][1] < seen[0][1]
     ddim = ddim_inversion(tiny_pipe, z0, PROMPT, SETTINGS, progress=False)
     assert seen[-1][1] < _err(tiny_pipe, ddim, z0)
+    # it saves and loads like any result (one loss row per step)
+    back = load_inversion(save_inversion(res, tmp_path / "g.safetensors"), tiny_pipe)
+    assert torch.equal(back.null_embeddings, res.null_embeddings) and back.losses == res.losses
     with pytest.raises(ValueError, match="passes must be"):
         global_null_text_inversion(tiny_pipe, z0, PROMPT, SETTINGS, passes=0)

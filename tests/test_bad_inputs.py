@@ -542,3 +542,19 @@ def test_metrics_refuse_bad_images(a, b, kwargs, err, match):
 def test_settings_that_are_not_inversion_settings(tiny_pipe, small_scene, no_work, fn, settings):
     with pytest.raises(TypeError, match="settings must be an InversionSettings"):
         fn(tiny_pipe, small_scene.render(), PROMPT, settings)
+
+
+def test_edit_checks_every_prompt_against_the_tokenizer(tiny_pipe, small_scene):
+    from nti_utils.editing import edit
+
+    settings = InversionSettings(num_steps=2, inner_steps=0)
+    inv = ddim_inversion(tiny_pipe, small_scene.render(), PROMPT, settings, progress=False)
+    with pytest.raises(ValueError, match=r"prompts\[1\].*cannot represent"):
+        edit(tiny_pipe, inv, [PROMPT, "a red square on a white background 2"], progress=False)
+
+
+def test_a_folder_with_only_fp16_variant_weights_loads(tmp_path):
+    tiny_pipeline().save_pretrained(tmp_path / "m", variant="fp16")
+    assert not list((tmp_path / "m" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    pipe = models.load_pipeline(tmp_path / "m", device="cpu")
+    assert pipe.unet.config.sample_size == tiny_pipeline().unet.config.sample_size

@@ -365,3 +365,10 @@ def test_bench_cuda_without_cuda(tmp_path, capsys):
 def test_bench_config_types(kwargs, match):
     with pytest.raises(ValueError, match=match):
         bench.BenchConfig(**kwargs)
+
+
+@pytest.mark.parametrize("name, want", [("IMG 1234.png", "IMG_1234"), ("_DSC0001.png", "DSC0001")])
+def test_photo_file_names_give_safe_default_ids(tmp_path, name, want):
+    Image.new("RGB", (8, 8)).save(tmp_path / name)
+    rec = {"image": name, "source": "a red circle", "targets": ["a red square"]}
+    assert parse_item(rec, 1, tmp_path).id == want

@@ -286,8 +286,9 @@ def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = 
                 else ""
             )
             raise ValueError(f"`id` must be a string, got {_desc(item_id)}{hint}")
-    else:
-        item_id = Path(image).stem
+    else:  # the image's stem, made a safe folder name ("IMG 1234.jpg" -> "IMG_1234")
+        stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(image).stem).lstrip("._-")[:128]
+        item_id = stem or f"line{line}"
     if not _ID.fullmatch(item_id):
         raise ValueError(
             f"id {item_id!r} must be 1-128 letters, digits, '.', '_' or '-' (starting with a "

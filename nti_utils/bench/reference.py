@@ -45,13 +45,14 @@ def reference_null_text_inversion(
         t = schedule.timesteps[i]
         alpha_t, alpha_prev = schedule.alphas(i)
         target = pivots[n - 1 - i]
-        uncond = uncond.clone().detach().requires_grad_(True)
+        uncond = uncond.detach().float().clone().requires_grad_(True)  # float32 leaf (fp16 Adam
+        # underflows); the original ran in float32, where this changes nothing
         opt = torch.optim.Adam([uncond], lr=s.lr * (1.0 - i / 100.0))
         with torch.no_grad():
             eps_c = predict_noise(unet, latent, t, cond, schedule)
         done = 0
         for _ in range(s.inner_steps):
-            eps_u = predict_noise(unet, latent, t, uncond, schedule)
+            eps_u = predict_noise(unet, latent, t, uncond.to(unet.dtype), schedule)
             z_prev = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
             loss = torch.nn.functional.mse_loss(z_prev, target)
             opt.zero_grad()
@@ -61,9 +62,9 @@ def reference_null_text_inversion(
             if loss.item() < s.epsilon + i * s.epsilon_growth:
                 break
         counts.append(done)
-        nulls.append(uncond.detach())
+        nulls.append(uncond.detach().to(unet.dtype))
         with torch.no_grad():
-            both = torch.cat([uncond, cond])
+            both = torch.cat([uncond.to(cond.dtype), cond])
             eps_u, eps_c = predict_noise(unet, torch.cat([latent] * 2), t, both, schedule).chunk(2)
             latent = ddim_step(latent, guide(eps_u, eps_c, s.guidance_scale), alpha_t, alpha_prev)
     for p in unet.parameters():
