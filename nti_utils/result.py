@@ -34,7 +34,8 @@ def _is_int(v: object) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _is_real(v: object) -> bool:
+def is_finite_real(v: object) -> bool:
+    """A finite real number that is not a bool (the settings' and the manifest's numbers)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
@@ -106,12 +107,12 @@ class InversionSettings:
 
         rules = {
             "num_steps": (positive_int(self.num_steps, 1), "an integer >= 1"),
-            "guidance_scale": (_is_real(self.guidance_scale), "a finite number"),
+            "guidance_scale": (is_finite_real(self.guidance_scale), "a finite number"),
             "inner_steps": (positive_int(self.inner_steps, 0), "an integer >= 0"),
-            "lr": (_is_real(self.lr) and self.lr > 0, "a finite number > 0"),
-            "epsilon": (_is_real(self.epsilon) and self.epsilon >= 0, "a finite number >= 0"),
+            "lr": (is_finite_real(self.lr) and self.lr > 0, "a finite number > 0"),
+            "epsilon": (is_finite_real(self.epsilon) and self.epsilon >= 0, "a finite number >= 0"),
             "epsilon_growth": (
-                _is_real(self.epsilon_growth) and self.epsilon_growth >= 0,
+                is_finite_real(self.epsilon_growth) and self.epsilon_growth >= 0,
                 "a finite number >= 0",
             ),
             "per_timestep": (isinstance(self.per_timestep, bool), "True or False"),
@@ -122,7 +123,7 @@ class InversionSettings:
                 f"one of {get_args(UpdateRule)}",
             ),
             "step_scale": (
-                _is_real(self.step_scale) and self.step_scale >= 1,
+                is_finite_real(self.step_scale) and self.step_scale >= 1,
                 "a finite number >= 1 (1: the paper's schedule)",
             ),
             "max_rows": (

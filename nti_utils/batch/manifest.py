@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import numbers
 import os
 import re
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 from nti_utils.align import check_prompt
 from nti_utils.editing import EDITS, build_controller
 from nti_utils.p2p import AttentionEdit
+from nti_utils.result import is_finite_real
 
 if TYPE_CHECKING:
     from nti_utils.batch.runner import BatchSettings
@@ -216,10 +216,6 @@ def _desc(v: object) -> str:
     return f"{kind} ({text if len(text) <= 60 else text[:57] + '...'})"
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _steps(v: object, name: str, per_word: bool):
     """A step window: a fraction in [0, 1] or [start, end]; for `per_word`, also an object of
     those by word (with "default_"). JSON lists become tuples."""
@@ -229,10 +225,10 @@ def _steps(v: object, name: str, per_word: bool):
             _steps(w, f"{name}[{word!r}]", False)
         return {k: _tuples(w) for k, w in v.items()}
     if isinstance(v, (list, tuple)):
-        if len(v) != 2 or not all(_number(x) for x in v) or not 0 <= v[0] <= v[1] <= 1:
+        if len(v) != 2 or not all(is_finite_real(x) for x in v) or not 0 <= v[0] <= v[1] <= 1:
             raise ValueError(f"`{name}` must be {allowed} with start <= end, got {_desc(v)}")
         return tuple(v)
-    if not _number(v) or not 0 <= v <= 1:
+    if not is_finite_real(v) or not 0 <= v <= 1:
         extra = ', or an object {"word": window, "default_": window}' if per_word else ""
         raise ValueError(f"`{name}` must be {allowed}{extra}, got {_desc(v)}")
     return v
@@ -282,7 +278,7 @@ def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = 
                 "; leave the field out to use the image's stem"
                 if item_id is None
                 else "; write it in quotes"
-                if _number(item_id)
+                if is_finite_real(item_id)
                 else ""
             )
             raise ValueError(f"`id` must be a string, got {_desc(item_id)}{hint}")
@@ -346,7 +342,7 @@ def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = 
                 f'`reweight` must be an object {{"word": factor, ...}}, got {_desc(reweight)}'
             )
         for word, factor in reweight.items():
-            if not _number(factor):
+            if not is_finite_real(factor):
                 raise ValueError(
                     f"`reweight[{word!r}]` must be a finite number (the attention factor), got "
                     f"{_desc(factor)}"
