@@ -8,3 +8,20 @@ instant)::
 """
 
 __version__ = "0.1.0"
+
+
+def _quiet_pil_backend_notice() -> None:
+    """transformers 5 warns, at import, that its image processors fall back to their PIL backend
+    without torchvision. The library deliberately uses that backend (it needs no image processor of
+    diffusers' pipelines, and its captioners' processors are PIL ones), so the notice, which
+    otherwise appears in every notebook, is dropped; every other transformers message stays."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "requires torchvision" not in record.getMessage()
+
+    logging.getLogger("transformers.utils.import_utils").addFilter(_Drop())
+
+
+_quiet_pil_backend_notice()

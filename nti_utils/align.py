@@ -231,3 +231,31 @@ def refine_alignment(tokenizer: PreTrainedTokenizerBase, source: str, target: st
     mapper[m:] = (n + tail - m).clamp(max=max_len - 1)
     alphas[m:] = 1.0
     return Alignment(mapper, alphas)
+
+
+def swap_words(prompt: str, swaps: dict[str, str]) -> str:
+    """`prompt` with whole words replaced: ``swap_words("a red circle", {"circle": "square"})``
+    gives ``"a red square"`` (the word-swap edit of a prompt you did not write, e.g. a caption).
+
+    Args:
+        prompt (`str`): the source prompt.
+        swaps (`dict[str, str]`): word -> replacement; each word must occur in `prompt` as a whole
+            word (case-sensitive), and every occurrence is replaced.
+
+    Raises:
+        ValueError: a word that is not in the prompt, an empty replacement, or no swaps.
+        TypeError: words or replacements that are not strings.
+    """
+    _check_str(prompt)
+    if not isinstance(swaps, dict) or not swaps:
+        raise ValueError(f"swaps must be a non-empty dict word -> replacement, got {swaps!r}")
+    for word, new in swaps.items():
+        _check_str(word, "a swapped word")
+        _check_str(new, f"the replacement of {word!r}")
+        if not new.strip():
+            raise ValueError(f"the replacement of {word!r} is empty")
+        if not re.search(rf"(?<!\w){re.escape(word)}(?!\w)", prompt):
+            raise ValueError(f"{word!r} is not a word of the prompt {prompt!r}")
+    words = "|".join(re.escape(w) for w in sorted(swaps, key=len, reverse=True))
+    # one pass, so that {"red": "blue", "blue": "red"} swaps the two colors
+    return re.sub(rf"(?<!\w)(?:{words})(?!\w)", lambda m: swaps[m.group(0)], prompt)

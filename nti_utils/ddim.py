@@ -6,6 +6,8 @@ Notation (paper-notes): ᾱ_t is the cumulative product of alphas at training ti
 * forward step:   ``z_{t-1} = sqrt(ᾱ_{t-1}) x0 + sqrt(1 - ᾱ_{t-1}) ε``                  (η = 0)
 * inverse step:   the same update run from t-1 to t, with ε evaluated at (z_{t-1}, t)
 * guidance (CFG): ``ε̃ = ε(∅) + w (ε(C) - ε(∅))``
+* stochastic step: ``z_{t-1} = sqrt(ᾱ_{t-1}) x0 + sqrt(1 - ᾱ_{t-1} - σ_t²) ε + σ_t n`` with
+  σ_t(η) of DDIM eq. 16 (η = 1: DDPM; edit-friendly DDPM inversion chooses the noise n)
 
 Every formula is written in ε. A model that predicts v instead (SD 2.x-768,
 ``prediction_type="v_prediction"``) has its output converted where it is read, by
@@ -16,7 +18,8 @@ the conversion is affine in the output with the same z_t for both branches, guid
 gives the same step (diffusers guides the raw output).
 
 :func:`sample` is text-conditioned sampling with classifier-free guidance (a null embedding per step or
-one for all); :func:`invert` is DDIM inversion returning the whole latent trajectory.
+one for all; its `step` option replaces the DDIM update, e.g. by a stochastic step with given noise);
+:func:`invert` is DDIM inversion returning the whole latent trajectory.
 """
 
 from __future__ import annotations
@@ -89,6 +92,39 @@ def v_to_x0(v: torch.Tensor, z_t: torch.Tensor, alpha_t: torch.Tensor) -> torch.
 def guide(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance ``ε̃ = ε(∅) + w (ε(C) - ε(∅))``."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
+def ddim_sigma(alpha_t: torch.Tensor, alpha_prev: torch.Tensor, eta: float) -> torch.Tensor:
+    """DDIM's noise level σ_t(η) = η sqrt((1 - ᾱ_{t-1}) / (1 - ᾱ_t)) sqrt(1 - ᾱ_t / ᾱ_{t-1})
+    (DDIM eq. 16): η = 0 is the deterministic DDIM step, η = 1 the DDPM posterior's."""
+    return eta * ((1 - alpha_prev) / (1 - alpha_t)) ** 0.5 * (1 - alpha_t / alpha_prev) ** 0.5
+
+
+def stochastic_step(
+    z_t: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_t: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    sigma: torch.Tensor,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The DDIM step with noise level σ_t (DDIM eq. 12):
+    ``z_{t-1} = sqrt(ᾱ_{t-1}) x0 + sqrt(1 - ᾱ_{t-1} - σ_t²) ε + σ_t n``; without `noise` n it is
+    the mean μ_t(z_t, ε) of the step (σ_t from :func:`ddim_sigma`; σ_t = 0 is :func:`ddim_step`).
+
+    Args:
+        z_t (`torch.Tensor`): latents (B, C, h, w) at timestep t.
+        eps (`torch.Tensor`): noise prediction for `z_t`, same shape.
+        alpha_t, alpha_prev, sigma (`torch.Tensor`): ᾱ_t, ᾱ_{t-1} and σ_t (scalars).
+        noise (`torch.Tensor`, *optional*): n, (B or 1, C, h, w); edit-friendly DDPM inversion's
+            noise map z_t.
+
+    Returns:
+        `torch.Tensor`: z_{t-1}, (B, C, h, w).
+    """
+    x0 = predict_x0(z_t, eps, alpha_t)
+    mean = alpha_prev**0.5 * x0 + (1 - alpha_prev - sigma**2) ** 0.5 * eps
+    return mean if noise is None else mean + sigma * noise
 
 
 # ------------------------------------------------------------------------------ schedule
@@ -179,8 +215,36 @@ def predict_noise(
     return schedule.to_eps(out, z, t)
 
 
+def guided_noise(
+    unet: UNet2DConditionModel,
+    z: torch.Tensor,
+    t: torch.Tensor | int,
+    cond: torch.Tensor,
+    null: torch.Tensor | None,
+    guidance_scale: float,
+    schedule: DDIMSchedule,
+) -> torch.Tensor:
+    """ε̃(z_t, t, C, ∅) = ε(∅) + w (ε(C) - ε(∅)) for latents (B, C, h, w), in one UNet call on the
+    batch [∅; C] (2B rows) as diffusers' pipeline does; at w = 1 one call on C alone (B rows).
+
+    Args:
+        cond (`torch.Tensor`): C, (B, L, D).
+        null (`torch.Tensor`, *optional*): ∅, (B or 1, L, D); unused (may be `None`) at w = 1.
+        guidance_scale (`float`): w.
+        schedule (`DDIMSchedule`): for :func:`predict_noise`.
+    """
+    if guidance_scale == 1.0:
+        return predict_noise(unet, z, t, cond, schedule)
+    emb = torch.cat([null.to(cond.dtype).expand(cond.shape[0], -1, -1), cond])
+    eps_u, eps_c = predict_noise(unet, torch.cat([z] * 2), t, emb, schedule).chunk(2)
+    return guide(eps_u, eps_c, guidance_scale)
+
+
 # ------------------------------------------------------------------------------ loops
 StepCallback = Callable[[int, int, torch.Tensor], torch.Tensor | None]
+StepRule = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``rule(i, z_t, ε̃, ᾱ_t, ᾱ_{t-1}) -> z_{t-1}``: the update of sampling step i in place of
+:func:`ddim_step` (:func:`sample`'s `step`)."""
 
 
 @dataclass
@@ -223,6 +287,7 @@ def sample(
     keep_trajectory: bool = False,
     progress: bool = True,
     cond_offsets: Sequence[torch.Tensor] | None = None,
+    step: StepRule | None = None,
 ) -> SampleOutput:
     """Text-conditioned DDIM sampling with classifier-free guidance.
 
@@ -243,6 +308,11 @@ def sample(
         cond_offsets (sequence of `torch.Tensor`, *optional*): one (1 or B, L, D) tensor per step,
             added to every row of `cond` at that step (the "optimize C" ablation of null-text
             inversion shifts the source and target prompts by the same learned offset).
+        step (`StepRule`, *optional*): ``step(i, z_t, ε̃, ᾱ_t, ᾱ_{t-1})`` gives z_{t-1} instead of
+            :func:`ddim_step` (before `callback`): Direct Inversion adds its correction d_t to the
+            source row (:func:`~nti_utils.direct_inversion.corrected_step`), edit-friendly DDPM
+            inversion takes the stochastic step with its noise map
+            (:func:`~nti_utils.ddpm_inversion.noise_map_step`).
 
     Returns:
         :class:`SampleOutput`. The arithmetic (batching [∅; C], then ε̃, then the DDIM step) matches
@@ -263,17 +333,14 @@ def sample(
             # in float32, then rounded once (half-precision C plus a half-precision offset would
             # round twice)
             cond = (base.float() + cond_offsets[i].to(base.device).float()).to(base.dtype)
-        if use_cfg:
-            emb = torch.cat([nulls[i].to(cond.dtype), cond])
-            both = predict_noise(unet, torch.cat([latents] * 2), t, emb, schedule)
-            eps_u, eps_c = both.chunk(2)
-            eps = guide(eps_u, eps_c, guidance_scale)
-        else:
-            eps = predict_noise(unet, latents, t, cond, schedule)
+        eps = guided_noise(unet, latents, t, cond, nulls[i], guidance_scale, schedule)
         alpha_t, alpha_prev = schedule.alphas(i)
         if keep_trajectory:
             x0s.append(predict_x0(latents, eps, alpha_t))
-        latents = ddim_step(latents, eps, alpha_t, alpha_prev)
+        if step is None:
+            latents = ddim_step(latents, eps, alpha_t, alpha_prev)
+        else:
+            latents = step(i, latents, eps, alpha_t, alpha_prev)
         if callback is not None:
             replaced = callback(i, int(t), latents)
             latents = latents if replaced is None else replaced

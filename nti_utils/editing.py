@@ -16,8 +16,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from nti_utils.align import check_prompt
-from nti_utils.attention import AttentionStore, controlled_attention
-from nti_utils.ddim import DDIMSchedule, sample
+from nti_utils.attention import AttentionStore
 from nti_utils.images import latents_to_pil
 from nti_utils.local_blend import LocalBlend
 from nti_utils.models import embed_prompts
@@ -31,6 +30,7 @@ from nti_utils.p2p import (
     check_prompts,
     equalizer,
 )
+from nti_utils.resample import resample
 from nti_utils.result import InversionResult, check_compatible
 
 EDITS = ("replace", "refine")
@@ -142,7 +142,11 @@ def edit(
     allow_other_source: bool = False,
 ) -> EditOutput:
     """Edit an inverted image: sample the source and target prompts in one batch from z̄_T with the
-    per-step null embeddings ∅_t and the controller installed.
+    per-step null embeddings ∅_t and the controller installed, with the sampler the inversion's
+    method needs (:func:`~nti_utils.resample.resample`): Direct Inversion corrects the source row
+    only, edit-friendly DDPM inversion gives every row the same noise maps, EDICT runs source and
+    targets through both coupled sequences (two UNet calls per step at the same controller step,
+    the step callback once per step on ``[x; y]`` joined along channels).
 
     Args:
         pipe (`StableDiffusionPipeline`): the model the image was inverted with.
@@ -181,32 +185,17 @@ def edit(
     w = inversion.settings.guidance_scale if guidance_scale is None else guidance_scale
     if not _finite_number(w):
         raise ValueError(f"guidance_scale must be a finite number, got {w!r}")
-    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, inversion.settings.num_steps)
+    num_steps = inversion.settings.num_steps
     if isinstance(controller, AttentionEdit):
         if controller.prompts != prompts:
             raise ValueError(
                 f"controller was built for the prompts {controller.prompts}, edit got {prompts}; "
                 "build it with the prompts you edit"
             )
-        if controller.num_steps != len(schedule):
+        if controller.num_steps != num_steps:
             raise ValueError(
-                f"controller built for {controller.num_steps} steps, inversion has {len(schedule)}"
+                f"controller built for {controller.num_steps} steps, inversion has {num_steps}"
             )
-    dev = pipe.unet.device
     cond = embed_prompts(pipe, prompts)
-    latents = inversion.latent_T.to(dev, pipe.unet.dtype).expand(len(prompts), -1, -1, -1).clone()
-    nulls = [u.to(dev, pipe.unet.dtype) for u in inversion.uncond_per_step()]
-    controller.begin(len(prompts), tuple(latents.shape[2:]))
-    with controlled_attention(pipe.unet, controller):
-        out = sample(
-            pipe.unet,
-            latents,
-            cond,
-            schedule,
-            w,
-            nulls,
-            callback=controller.step_end,
-            progress=progress,
-            cond_offsets=inversion.cond_offsets_per_step(),
-        )
-    return EditOutput(latents_to_pil(pipe, out.latents), out.latents, prompts, controller)
+    latents = resample(pipe, inversion, cond, w, controller, progress)
+    return EditOutput(latents_to_pil(pipe, latents), latents, prompts, controller)

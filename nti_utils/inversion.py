@@ -25,6 +25,7 @@ half-precision weights do not turn Adam's small updates into zeros or NaNs.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -34,16 +35,19 @@ import torch
 from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
-from nti_utils.ddim import DDIMSchedule, ddim_step, guide, predict_noise, sample
+from nti_utils.caption import Captioner, source_prompt
+from nti_utils.ddim import DDIMSchedule, ddim_step, guide, predict_noise
 from nti_utils.images import ImageLike
 from nti_utils.models import embed_prompts, frozen
 from nti_utils.pivots import Prepared, prepare, single
+from nti_utils.resample import resample
 from nti_utils.result import InversionResult, InversionSettings, check_compatible
 
 _AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def _baseline(pipe, image, prompt, settings, progress, method: str) -> InversionResult:
+def _baseline(pipe, image, prompt, settings, progress, method: str, captioner) -> InversionResult:
+    prompt, source = source_prompt(image, prompt, captioner, pipe.device)
     prep = prepare(pipe, single(image), [prompt], InversionSettings.check(settings), progress)
     null = prep.cond if method == "negative-prompt" else prep.null
     return InversionResult.for_pipeline(
@@ -51,6 +55,7 @@ def _baseline(pipe, image, prompt, settings, progress, method: str) -> Inversion
         latent_T=prep.pivots[-1].detach(),
         null_embeddings=torch.stack([null.detach()] * len(prep.schedule)),
         prompt=prompt,
+        prompt_source=source,
         method=method,
         settings=settings,
         timings=prep.timings,
@@ -61,27 +66,29 @@ def _baseline(pipe, image, prompt, settings, progress, method: str) -> Inversion
 def ddim_inversion(
     pipe: StableDiffusionPipeline,
     image: ImageLike | torch.Tensor,
-    prompt: str,
+    prompt: str | None = None,
     settings: InversionSettings = InversionSettings(),
     progress: bool = True,
+    captioner: str | Captioner = "toy",
 ) -> InversionResult:
     """Plain DDIM inversion at w = 1, packaged with ∅ = encoder("") at every step (method
     ``"ddim"``): reconstructing it at w = `settings.guidance_scale` shows how guidance amplifies the
-    inversion error."""
-    return _baseline(pipe, image, prompt, settings, progress, "ddim")
+    inversion error. Without a `prompt` the image is captioned (as in :func:`null_text_inversion`)."""
+    return _baseline(pipe, image, prompt, settings, progress, "ddim", captioner)
 
 
 def negative_prompt_inversion(
     pipe: StableDiffusionPipeline,
     image: ImageLike | torch.Tensor,
-    prompt: str,
+    prompt: str | None = None,
     settings: InversionSettings = InversionSettings(),
     progress: bool = True,
+    captioner: str | Captioner = "toy",
 ) -> InversionResult:
     """Negative-prompt inversion (Miyake et al. 2023, method ``"negative-prompt"``): ∅_t := C at
     every step, no optimization. With ∅_t = C the guidance term vanishes, so sampling retraces the
-    w = 1 DDIM trajectory."""
-    return _baseline(pipe, image, prompt, settings, progress, "negative-prompt")
+    w = 1 DDIM trajectory. Without a `prompt` the image is captioned."""
+    return _baseline(pipe, image, prompt, settings, progress, "negative-prompt", captioner)
 
 
 # ------------------------------------------------------------------------------ the one core
@@ -316,11 +323,12 @@ def batched_null_text_inversion(
 def null_text_inversion(
     pipe: StableDiffusionPipeline,
     image: ImageLike | torch.Tensor,
-    prompt: str,
+    prompt: str | None = None,
     settings: InversionSettings = InversionSettings(),
     start_latent: torch.Tensor | None = None,
     progress: bool = True,
     generator: torch.Generator | None = None,
+    captioner: str | Captioner = "toy",
 ) -> InversionResult:
     """Null-text inversion (Mokady et al. 2023, Algorithm 1) of one image: the core,
     :func:`batched_null_text_inversion`, with a batch of one.
@@ -329,12 +337,16 @@ def null_text_inversion(
         pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
         image (image-like or `torch.Tensor`): a real image (loaded and resized to the model's
             resolution) or its latents z_0, (1, C, h, w).
-        prompt (`str`): the source prompt P describing the image.
+        prompt (`str`, *optional*): the source prompt P describing the image; if omitted, the
+            image is captioned by `captioner` (as the paper suggests) and the result's
+            `prompt_source` says so.
         settings (`InversionSettings`): defaults are the paper's (see its fields for the options).
         start_latent (`torch.Tensor`, *optional*): start from this z̄_T, (1, C, h, w), instead of the
             pivot z*_T; the targets stay the pivots.
         progress (`bool`, defaults to `True`): show tqdm bars.
         generator (`torch.Generator`, *optional*): the noise of ``settings.pivots == "random"``.
+        captioner (`str` or :class:`~nti_utils.caption.Captioner`, defaults to ``"toy"``): writes
+            the prompt when none is given (see :func:`~nti_utils.caption.load_captioner`).
 
     Returns:
         :class:`~nti_utils.result.InversionResult` with method ``"null-text"`` (``"cond-text"`` with
@@ -344,9 +356,11 @@ def null_text_inversion(
     per evaluation for ε(z̄_t, t, ∅_t), with a backward pass to ∅_t per update: when the loss is below
     the threshold, that forward pass already gives z̄_{t-1} and no extra UNet call is needed.
     """
-    return batched_null_text_inversion(
+    prompt, source = source_prompt(image, prompt, captioner, pipe.device)
+    result = batched_null_text_inversion(
         pipe, single(image), [prompt], settings, start_latent, progress, generator
     )[0]
+    return dataclasses.replace(result, prompt_source=source)
 
 
 def reconstruct(
@@ -355,25 +369,14 @@ def reconstruct(
     guidance_scale: float | None = None,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Re-sample the inverted image: latents z_0 (1, C, h, w) from z̄_T with ∅_t at step t.
+    """Re-sample the inverted image: latents z_0 (1, C, h, w) from z̄_T with ∅_t at step t, with the
+    sampler the result's method needs (:func:`~nti_utils.resample.resample`: DDIM, Direct
+    Inversion's corrected steps, edit-friendly DDPM's noise maps or EDICT's coupled sampler).
 
     Args:
         guidance_scale (`float`, *optional*): defaults to the result's own w.
     """
     check_compatible(result, pipe)
     w = result.settings.guidance_scale if guidance_scale is None else guidance_scale
-    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, result.settings.num_steps)
     cond = embed_prompts(pipe, result.prompt)
-    dev = pipe.unet.device
-    nulls = [u.to(dev) for u in result.uncond_per_step()]
-    out = sample(
-        pipe.unet,
-        result.latent_T.to(dev, pipe.unet.dtype),
-        cond,
-        schedule,
-        w,
-        nulls,
-        progress=progress,
-        cond_offsets=result.cond_offsets_per_step(),
-    )
-    return out.latents
+    return resample(pipe, result, cond, w, progress=progress)

@@ -212,11 +212,9 @@ def check_model_folder(path: str | os.PathLike) -> Path:
         raise FileNotFoundError(f"no model folder at {path}")
     index = path / "model_index.json"
     if not index.is_file():
-        names = sorted(p.name for p in path.iterdir())
-        held = "it is empty" if not names else "it holds " + ", ".join(names[:8])
         raise FileNotFoundError(
-            f"{path} is not a diffusers pipeline folder: no model_index.json ({held}). "
-            + _reload_hint(path)
+            f"{path} is not a diffusers pipeline folder: no model_index.json "
+            f"({folder_contents(path)}). " + _reload_hint(path)
         )
     try:
         listed = json.loads(index.read_text(encoding="utf-8"))
@@ -252,6 +250,13 @@ def check_model_folder(path: str | os.PathLike) -> Path:
             if empty:
                 raise ValueError(f"{folder} has empty weight files {empty}. " + _reload_hint(path))
     return path
+
+
+def folder_contents(path: Path) -> str:
+    """``"it is empty"`` or ``"it holds a, b, ..."`` (the first 8 names, sorted): for errors that
+    say what a folder that is not a model holds."""
+    names = sorted(p.name for p in path.iterdir())
+    return "it is empty" if not names else "it holds " + ", ".join(names[:8])
 
 
 def _weights_variant(folder: str | Path) -> str | None:

@@ -29,25 +29,38 @@ class Prepared:
     schedule: DDIMSchedule
     cond: torch.Tensor  # C, (B, L, D)
     null: torch.Tensor  # ∅ = encoder(""), (1, L, D)
-    pivots: list[torch.Tensor]  # z*_0..z*_N, each (B, C, h, w)
+    pivots: list[torch.Tensor]  # z*_0..z*_N, each (B, C, h, w); [z_0] from prepare_inputs
     timings: dict[str, float]
 
 
-def prepare(
+def prepare_inputs(
     pipe: StableDiffusionPipeline,
     images: Sequence[ImageLike] | torch.Tensor,
     prompts: Sequence[str],
     settings: InversionSettings,
-    progress: bool,
-    generator: torch.Generator | None = None,
 ) -> Prepared:
-    """Latents z_0, schedule, C, ∅ and the pivots: the guidance-1 DDIM trajectory, or with
-    ``settings.pivots == "random"`` a random trajectory (:func:`random_trajectory`, from
-    `generator`; no DDIM inversion is run then).
+    """Checked inputs of B images, without pivots: latents z_0, the schedule, C and ∅ (the
+    inversions that start from z_0 itself, e.g. EDICT, use this; :func:`prepare` adds the pivots).
 
     Every input is checked first, before any model call: prompts (strings the tokenizer can
     represent, :func:`~nti_utils.align.check_prompt`), step count (at most the scheduler's training
-    timesteps), images (loaded) or latents (shape against the UNet's config, finite values).
+    timesteps), images (loaded) or latents (shape against the UNet's config, finite values). No UNet
+    call is made.
+
+    Args:
+        pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
+        images (sequence of image-likes, or `torch.Tensor`): B images, or their latents
+            (B, C, h, w).
+        prompts (sequence of `str`): one source prompt per image.
+        settings (`InversionSettings`): its `num_steps` N sets the schedule.
+
+    Returns:
+        :class:`Prepared` whose `pivots` is ``[z_0]``, z_0 (B, C, h, w) in the UNet's device and
+        dtype; `timings` has ``"batch_size"`` and ``"encode"``.
+
+    Raises:
+        TypeError: `images` is neither a list nor a latents tensor, or `prompts` is not a list.
+        ValueError: no images, a count mismatch, a prompt, step count or latents that do not fit.
     """
     if isinstance(images, (str, bytes)) or not isinstance(images, (torch.Tensor, Sequence)):
         raise TypeError(
@@ -88,14 +101,35 @@ def prepare(
     cond = embed_prompts(pipe, list(prompts))
     null = embed_prompts(pipe, "")
     timings["encode"] = time.perf_counter() - t0
+    return Prepared(schedule, cond, null, [z0], timings)
+
+
+def prepare(
+    pipe: StableDiffusionPipeline,
+    images: Sequence[ImageLike] | torch.Tensor,
+    prompts: Sequence[str],
+    settings: InversionSettings,
+    progress: bool,
+    generator: torch.Generator | None = None,
+) -> Prepared:
+    """Latents z_0, schedule, C, ∅ and the pivots: the guidance-1 DDIM trajectory, or with
+    ``settings.pivots == "random"`` a random trajectory (:func:`random_trajectory`, from
+    `generator`; no DDIM inversion is run then).
+
+    Every input is checked first, before any model call (:func:`prepare_inputs`).
+    """
+    prep = prepare_inputs(pipe, images, prompts, settings)
+    z0, schedule = prep.pivots[0], prep.schedule
     t0 = time.perf_counter()
     if settings.pivots == "random":
-        pivots = random_trajectory(z0, schedule, generator)
-        timings["random_trajectory"] = time.perf_counter() - t0
+        prep.pivots = random_trajectory(z0, schedule, generator)
+        prep.timings["random_trajectory"] = time.perf_counter() - t0
     else:
-        pivots = invert(unet, z0, cond, schedule, guidance_scale=1.0, progress=progress)
-        timings["ddim_inversion"] = time.perf_counter() - t0
-    return Prepared(schedule, cond, null, pivots, timings)
+        prep.pivots = invert(
+            pipe.unet, z0, prep.cond, schedule, guidance_scale=1.0, progress=progress
+        )
+        prep.timings["ddim_inversion"] = time.perf_counter() - t0
+    return prep
 
 
 def _check_latents(pipe: StableDiffusionPipeline, z: torch.Tensor) -> None:

@@ -9,6 +9,7 @@ re-creates the inverted image.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import numbers
@@ -30,13 +31,26 @@ UpdateRule = Literal["check-first", "reference"]
 Autocast = Literal["float16", "bfloat16"]
 
 
-def _is_int(v: object) -> bool:
+def is_int(v: object) -> bool:
+    """An integer that is not a bool (the settings' counts)."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def is_finite_real(v: object) -> bool:
     """A finite real number that is not a bool (the settings' and the manifest's numbers)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_fields(settings: object, rules: dict[str, tuple[bool, str]]) -> None:
+    """Raise a `ValueError` for the first field of `settings` whose rule fails: `rules` maps a field
+    name to (whether its value is allowed, what is allowed), e.g. ``{"mix": (0 < p <= 1, "a number
+    in (0, 1]")}``; the message names the class, the field, what is allowed and the value."""
+    for name, (ok, allowed) in rules.items():
+        if not ok:
+            raise ValueError(
+                f"{type(settings).__name__}.{name} must be {allowed}, got "
+                f"{getattr(settings, name)!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ class InversionSettings:
 
     def __post_init__(self) -> None:
         def positive_int(v, low):
-            return _is_int(v) and v >= low
+            return is_int(v) and v >= low
 
         rules = {
             "num_steps": (positive_int(self.num_steps, 1), "an integer >= 1"),
@@ -135,11 +149,7 @@ class InversionSettings:
                 f"None or one of {get_args(Autocast)}",
             ),
         }
-        for name, (ok, allowed) in rules.items():
-            if not ok:
-                raise ValueError(
-                    f"InversionSettings.{name} must be {allowed}, got {getattr(self, name)!r}"
-                )
+        check_fields(self, rules)
 
     @classmethod
     def check(cls, settings: object) -> InversionSettings:
@@ -187,25 +197,40 @@ class InversionResult:
         null_embeddings (`torch.Tensor`): ∅_t for each sampling step, (N, 1, L, D), in sampling order
             (first row for t = T).
         prompt (`str`): the source prompt P whose embedding C was used.
+        prompt_source (`str`, defaults to ``"user"``): where P came from: ``"user"`` (passed in),
+            or ``"captioner:<name>"`` when a captioning model wrote it (:mod:`nti_utils.caption`).
         method (`str`): which algorithm made it (e.g. ``"null-text"``, ``"ddim"``); the functions
             that make results document theirs.
         settings (`InversionSettings`): what was used.
         losses (`list[list[float]]`): per step, the latent MSE at each evaluation; empty for
-            methods without optimization.
+            methods without optimization (the fixed-point inversion keeps its residuals here).
         inner_steps (`list[int]`): per step, the Adam updates made.
         timings (`dict[str, float]`): seconds spent in each phase. When several images were
             inverted together, these are the whole batch's seconds and ``timings["batch_size"]``
             says how many images shared them.
         model_id (`str`), model_fingerprint (`str`), scheduler_hash (`str`): model identity.
-        pivots (`list[torch.Tensor]`): the w = 1 DDIM trajectory z*_0..z*_N (not saved to disk).
-        step_errors (`list[float]`): per step, MSE between z̄_{t-1} and the pivot z*_{t-1} (not
-            saved).
+        pivots (`list[torch.Tensor]`): the w = 1 DDIM trajectory z*_0..z*_N (the fixed-point
+            inversion's own trajectory for it; not saved to disk).
+        step_errors (`list[float]`): per step, MSE between z̄_{t-1} and the pivot z*_{t-1} (Direct
+            Inversion: mean d_t²; edit-friendly DDPM inversion: mean z_t²; not saved).
         unet_calls (`dict[str, int]`): latent rows through the UNet during the optimization,
             ``"forward"`` and ``"backward"`` (the pivots' DDIM inversion not included); like
             `timings`, the whole batch's when images were inverted together.
         cond_offsets (`torch.Tensor`, *optional*): ``C_t - C`` per sampling step, (N, 1, L, D), when
             the conditional embedding was optimized (``settings.optimize == "cond"``); added to the
             embedding of every prompt at step t when reconstructing or editing. `None` otherwise.
+        method_settings (*optional*): the settings of a method beyond :class:`InversionSettings`
+            (a frozen dataclass of :data:`METHOD_SETTINGS`: EDICT's mixing p, edit-friendly DDPM
+            inversion's η and skip, the fixed-point iterations), `None` for the others.
+        source_corrections (`torch.Tensor`, *optional*): Direct Inversion's d_t per sampling step,
+            (N, 1, C, h, w), added to the source row after each step of reconstruction or editing
+            (:mod:`nti_utils.direct_inversion`).
+        noise_maps (`torch.Tensor`, *optional*): edit-friendly DDPM inversion's z_t per sampling
+            step that runs, (N - skip, 1, C, h, w) (:mod:`nti_utils.ddpm_inversion`); `latent_T` is
+            then x_t at the first step that runs.
+        coupled_latent_T (`torch.Tensor`, *optional*): EDICT's second latent y_T, (1, C, h, w)
+            (`latent_T` is x_T); reconstruction and editing then run EDICT's coupled sampler
+            (:mod:`nti_utils.edict`).
     """
 
     latent_T: torch.Tensor
@@ -219,10 +244,15 @@ class InversionResult:
     model_id: str = ""
     model_fingerprint: str = ""
     scheduler_hash: str = ""
+    prompt_source: str = "user"
     pivots: list[torch.Tensor] = field(default_factory=list, repr=False)
     step_errors: list[float] = field(default_factory=list)
     unet_calls: dict[str, int] = field(default_factory=dict)
     cond_offsets: torch.Tensor | None = None
+    method_settings: object | None = None
+    source_corrections: torch.Tensor | None = None
+    noise_maps: torch.Tensor | None = None
+    coupled_latent_T: torch.Tensor | None = None
 
     def uncond_per_step(self) -> list[torch.Tensor]:
         """The null embeddings as a list of (1, L, D) tensors, one per sampling step."""
@@ -284,11 +314,13 @@ def save_inversion(result: InversionResult, path: str | Path, overwrite: bool = 
         "losses": losses,
         "inner_steps": torch.tensor(result.inner_steps, dtype=torch.int64),
     }
-    if result.cond_offsets is not None:
-        tensors["cond_offsets"] = result.cond_offsets.detach().cpu().contiguous()
+    for key in _OPTIONAL_TENSORS:
+        if getattr(result, key) is not None:
+            tensors[key] = getattr(result, key).detach().cpu().contiguous()
     meta = {
         "format_version": FORMAT_VERSION,
         "prompt": result.prompt,
+        "prompt_source": result.prompt_source,
         "method": result.method,
         "settings": json.dumps(asdict(result.settings)),
         "timings": json.dumps(result.timings),
@@ -298,6 +330,14 @@ def save_inversion(result: InversionResult, path: str | Path, overwrite: bool = 
         "num_steps": str(result.settings.num_steps),
         "guidance_scale": str(result.settings.guidance_scale),
     }
+    if result.method_settings is not None:
+        cls = method_settings_class(result.method)  # loading must be able to read them back
+        if not isinstance(result.method_settings, cls):
+            raise ValueError(
+                f"method {result.method!r} keeps its settings as {cls.__name__}, got "
+                f"{type(result.method_settings).__name__}"
+            )
+        meta["method_settings"] = json.dumps(asdict(result.method_settings))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -316,6 +356,41 @@ def _sort_header(path: Path) -> None:
     path.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n :])
 
 
+METHOD_SETTINGS: dict[str, tuple[str, str]] = {
+    "edict": ("nti_utils.edict", "EDICTSettings"),
+    "ddpm": ("nti_utils.ddpm_inversion", "DDPMInversionSettings"),
+    "fixed-point": ("nti_utils.fixed_point", "FixedPointSettings"),
+}
+"""Method -> (module, class) of the settings it keeps in ``InversionResult.method_settings``
+(imported when a saved result is loaded)."""
+
+
+def method_settings_class(method: str) -> type:
+    """The settings class of `method` (:data:`METHOD_SETTINGS`), imported on first use.
+
+    Raises:
+        ValueError: `method` keeps no settings of its own.
+    """
+    if method not in METHOD_SETTINGS:
+        raise ValueError(
+            f"method {method!r} keeps no method settings (those that do: {sorted(METHOD_SETTINGS)})"
+        )
+    module, name = METHOD_SETTINGS[method]
+    return getattr(importlib.import_module(module), name)
+
+
+_OPTIONAL_TENSORS = ("cond_offsets", "source_corrections", "noise_maps", "coupled_latent_T")
+_RANKS = {
+    "latent_T": 4,
+    "null_embeddings": 4,
+    "losses": 2,
+    "inner_steps": 1,
+    "cond_offsets": 4,
+    "source_corrections": 5,
+    "noise_maps": 5,
+    "coupled_latent_T": 4,
+}
+
 METADATA_KEYS = {
     "required": (
         "format_version",
@@ -327,13 +402,15 @@ METADATA_KEYS = {
         "model_fingerprint",
         "scheduler_hash",
     ),
-    "optional": ("num_steps", "guidance_scale", "format"),
+    "optional": ("num_steps", "guidance_scale", "format", "method_settings", "prompt_source"),
 }
 """The metadata keys :func:`save_inversion` writes (``num_steps`` and ``guidance_scale`` repeat the
-settings for tools that read headers only; ``format`` is what other safetensors writers add)."""
+settings for tools that read headers only; ``format`` is what other safetensors writers add;
+``method_settings`` holds ``InversionResult.method_settings`` as JSON; ``prompt_source`` says
+where the prompt came from, ``"user"`` when absent, as in files written before it existed)."""
 TENSOR_KEYS = {
     "required": ("latent_T", "null_embeddings", "losses", "inner_steps"),
-    "optional": ("cond_offsets",),
+    "optional": _OPTIONAL_TENSORS,
 }
 """The tensors of a saved inversion."""
 
@@ -357,11 +434,10 @@ def _check_saved(path: Path, meta: dict, tensors: dict) -> None:
                 )
                 + f" (expected {list(keys['required'])}, optionally {list(keys['optional'])})"
             )
-    ranks = {"latent_T": 4, "null_embeddings": 4, "losses": 2, "inner_steps": 1, "cond_offsets": 4}
     for name, t in tensors.items():
-        if t.dim() != ranks[name]:
+        if t.dim() != _RANKS[name]:
             raise ValueError(
-                f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {ranks[name]} axes"
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {_RANKS[name]} axes"
             )
     n = tensors["null_embeddings"].shape[0]
     counts = (len(tensors["inner_steps"]), len(tensors["losses"]))
@@ -370,6 +446,19 @@ def _check_saved(path: Path, meta: dict, tensors: dict) -> None:
             f"{path} is inconsistent: {n} null embeddings, {counts[0]} inner-step counts, "
             f"{counts[1]} loss rows, latent_T {tuple(tensors['latent_T'].shape)} (expected one "
             "image and one count and loss row per step, or none)"
+        )
+    latent = tuple(tensors["latent_T"].shape)
+    for name in ("source_corrections", "noise_maps", "coupled_latent_T"):
+        t = tensors.get(name)
+        if t is not None and tuple(t.shape[-4:]) != latent:
+            raise ValueError(
+                f"{path} is inconsistent: {name} is {tuple(t.shape)}, its latents must be "
+                f"{latent} like latent_T"
+            )
+    if "source_corrections" in tensors and len(tensors["source_corrections"]) != n:
+        raise ValueError(
+            f"{path} is inconsistent: {len(tensors['source_corrections'])} source corrections for "
+            f"{n} steps"
         )
     for key in ("num_steps", "guidance_scale"):
         if key in meta:
@@ -392,7 +481,8 @@ def load_inversion(
 
     Args:
         pipe (`StableDiffusionPipeline`, *optional*): if given, the result must match its model and
-            scheduler (else `ValueError`), and tensors are moved to its device and dtype.
+            scheduler (else `ValueError`), and tensors are moved to its device and dtype (EDICT's
+            x_T and y_T to float32 at least).
         num_steps (`int`, *optional*): if given, the result must have this many DDIM steps.
 
     Only the safetensors format is read (never pickle: a pickle renamed ``.safetensors`` is refused
@@ -432,6 +522,12 @@ def load_inversion(
             raise ValueError(f"settings must be a JSON object, got {type(values).__name__}")
         settings = InversionSettings.from_dict(values)
         timings = json.loads(meta["timings"])
+        method_settings = None
+        if "method_settings" in meta:
+            values = json.loads(meta["method_settings"])
+            if not isinstance(values, dict):
+                raise ValueError("method_settings must be a JSON object")
+            method_settings = method_settings_class(meta["method"])(**values)
     except (ValueError, TypeError) as err:
         raise ValueError(
             f"{path} has unreadable settings or timings in its metadata: {err}"
@@ -446,6 +542,7 @@ def load_inversion(
         latent_T=tensors["latent_T"],
         null_embeddings=tensors["null_embeddings"],
         prompt=meta["prompt"],
+        prompt_source=meta.get("prompt_source", "user"),
         method=meta["method"],
         settings=settings,
         losses=losses,
@@ -455,7 +552,17 @@ def load_inversion(
         model_fingerprint=meta["model_fingerprint"],
         scheduler_hash=meta["scheduler_hash"],
         cond_offsets=tensors.get("cond_offsets"),
+        method_settings=method_settings,
+        source_corrections=tensors.get("source_corrections"),
+        noise_maps=tensors.get("noise_maps"),
+        coupled_latent_T=tensors.get("coupled_latent_T"),
     )
+    skip = getattr(method_settings, "skip", 0)
+    if result.noise_maps is not None and len(result.noise_maps) != settings.num_steps - skip:
+        raise ValueError(
+            f"{path} is inconsistent: {len(result.noise_maps)} noise maps for "
+            f"{settings.num_steps} steps with {skip} skipped"
+        )
     if num_steps is not None and num_steps != settings.num_steps:
         raise ValueError(
             f"{path} was inverted with {settings.num_steps} DDIM steps, not {num_steps}; invert "
@@ -464,8 +571,13 @@ def load_inversion(
     if pipe is not None:
         check_compatible(result, pipe)
         dev, dt = pipe.unet.device, pipe.unet.dtype
-        result.latent_T = result.latent_T.to(dev, dt)
-        result.null_embeddings = result.null_embeddings.to(dev, dt)
-        if result.cond_offsets is not None:
-            result.cond_offsets = result.cond_offsets.to(dev, dt)
+        # EDICT's x_T and y_T stay float32 or wider (rounded to a half-precision UNet's dtype they
+        # would no longer sample back to the image, see nti_utils.edict)
+        latent_dt = (
+            torch.promote_types(dt, torch.float32) if result.coupled_latent_T is not None else dt
+        )
+        for key in ("latent_T", "null_embeddings", *_OPTIONAL_TENSORS):
+            if getattr(result, key) is not None:
+                wide = key in ("latent_T", "coupled_latent_T")
+                setattr(result, key, getattr(result, key).to(dev, latent_dt if wide else dt))
     return result

@@ -228,7 +228,7 @@ def no_work(monkeypatch):
         (torch.zeros(1, 4, 16), PROMPT, TWO, ValueError, "one image at a time"),
         (torch.full((1, 4, 16, 16), math.nan), PROMPT, TWO, ValueError, "NaN or infinite"),
         (torch.zeros(1, 4, 16, 16, dtype=torch.int64), PROMPT, TWO, TypeError, "floating point"),
-        (torch.zeros(1, 4, 16, 16), None, TWO, TypeError, "prompt must be a string, got NoneType"),
+        (torch.zeros(1, 4, 16, 16), None, TWO, ValueError, "prompt=None asks for the image to be"),
         (torch.zeros(1, 4, 16, 16), 7, TWO, TypeError, "prompt must be a string, got int"),
         (torch.zeros(1, 4, 16, 16), "a red circle 7", TWO, ValueError, "cannot represent: '7'"),
         (

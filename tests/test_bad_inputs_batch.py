@@ -66,6 +66,9 @@ def _rec(**fields):
         (dict(targets=[]), "`targets` must be a non-empty list"),
         (dict(targets=[TGT, 3]), r"`targets\[1\]` must be a string"),
         (dict(targets=[TGT, " "]), r"`targets\[1\]` is empty"),
+        (dict(targets=[{"square": "circle"}]), "'square' is not a word of the prompt"),
+        (dict(targets=[{"circle": 3}]), r"`targets\[0\]` must be a prompt or word swaps"),
+        (dict(targets=[{}]), r"`targets\[0\]` must be a prompt or word swaps"),
         (dict(edit="swap"), "`edit` must be 'replace' or 'refine', got a string"),
         (dict(edit=1), "`edit` must be 'replace' or 'refine', got a number"),
         (dict(cross_replace_steps=1.5), "`cross_replace_steps` must be a fraction in .0, 1."),
@@ -111,6 +114,27 @@ def test_odd_but_valid_entries(images, fields, check):
     assert check(item)
 
 
+def test_word_swap_targets_apply_to_the_source(images):
+    item = parse_item(_rec(targets=[{"circle": "square"}, TGT]), 1, images)
+    assert item.targets == ("a red square on a white background", TGT)
+    assert item.source_from == "manifest"
+
+
+def test_an_entry_without_source_is_captioned_and_says_so(images):
+    seen = []
+
+    def write(path):
+        seen.append(path)
+        return "  a red circle on a white background "
+
+    item = parse_item(_rec(source=..., targets=[{"red": "blue"}]), 1, images, False, write, "toy")
+    assert seen == [images / "c.png"]
+    assert item.source == SRC and item.source_from == "captioner:toy"
+    assert item.targets == ("a blue circle on a white background",)
+    with pytest.raises(ValueError, match="no captioner"):
+        parse_item(_rec(source=...), 1, images)
+
+
 def test_inside_paths_need_no_flag(images):
     assert parse_item(_rec(image="sub/d.png"), 1, images).path == images / "sub" / "d.png"
 
@@ -153,7 +177,7 @@ CSV = f"id,image,source,targets\nc1,c.png,{SRC},{TGT}\n"
             CSV.replace("c1", "caf\u00e9").encode("latin-1"),
             "not UTF-8 text: byte 0xe9 on line 2",
         ),
-        ("m.csv", b"image;source;targets\nc.png;a;b\n", "no 'image', 'source', 'targets' column"),
+        ("m.csv", b"image;source;targets\nc.png;a;b\n", "no 'image', 'targets' column"),
         ("m.csv", b"image,source,targets,notes\n", r"unknown columns \['notes'\]"),
         ("m.txt", b"", "must be .jsonl or .csv"),
     ],

@@ -10,6 +10,7 @@ import torch
 
 from nti_utils import bench
 from nti_utils.bench.measure import measure
+from nti_utils.bench.methods import AFTER_NTI
 from nti_utils.bench.report import COLUMNS
 from nti_utils.models import frozen
 from nti_utils.testing import tiny_pipeline
@@ -21,6 +22,7 @@ METHODS = [
     bench.REFERENCE,
     bench.LIBRARY,
     bench.OURS,
+    *AFTER_NTI,
 ]
 NTI = [bench.REFERENCE, bench.LIBRARY, bench.OURS]
 MEASURES = [c for c in COLUMNS if c not in ("method", "group", "n", "sweep_inner_steps")]

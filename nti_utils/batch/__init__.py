@@ -15,8 +15,12 @@ are refused with what they look like. Every field is checked for its type and ra
 (``--images``, by default the manifest's): ``../x.png`` or absolute paths are bad entries unless
 ``--allow-outside-images`` is given.
 
-Only `image`, `source` and `targets` are required; `id` defaults to the image's stem, `edit` to
-``"replace"`` (word swap; ``"refine"`` for prompts of different lengths). `blend_words` (one list
+Only `image` and `targets` are required. Without `source` the image is captioned
+(``--captioner``, by default the embedded ``"toy"`` captioner, :mod:`nti_utils.caption`) and the
+caption is the source prompt, recorded with where it came from in the item's ``metrics.json``
+(``source``, ``source_from``). A target is a prompt, or word swaps applied to the source
+(``{"circle": "square"}``: the way to edit a caption you have not read). `id` defaults to the
+image's stem, `edit` to ``"replace"`` (word swap; ``"refine"`` for prompts of different lengths). `blend_words` (one list
 per prompt, source first) adds a :class:`~nti_utils.local_blend.LocalBlend`, `reweight` a
 :class:`~nti_utils.p2p.Reweight` on top of the edit (:func:`~nti_utils.editing.build_controller`).
 

@@ -10,11 +10,12 @@ import json
 import numbers
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nti_utils.align import check_prompt
+from nti_utils.align import check_prompt, swap_words
 from nti_utils.editing import EDITS, build_controller
 from nti_utils.p2p import AttentionEdit
 from nti_utils.result import is_finite_real
@@ -37,7 +38,8 @@ FIELDS = (
     "reweight",
 )
 """The fields of a manifest entry (any other is an error: a misspelt field would be ignored)."""
-REQUIRED = ("image", "source", "targets")
+REQUIRED = ("image", "targets")
+"""The fields every entry needs; without `source` the image is captioned (:mod:`nti_utils.caption`)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +50,10 @@ class Item:
         id (`str`): names the output folder ``items/<id>``; defaults to the image's stem.
         line (`int`): where it is in the manifest (1-based; error reports cite it).
         image (`str`): the path as the manifest gives it; `path` is where it was found.
-        source (`str`), targets (`tuple[str, ...]`): the source prompt and the edited prompts.
+        source (`str`), targets (`tuple[str, ...]`): the source prompt and the edited prompts
+            (word swaps of the manifest, ``{"circle": "square"}``, applied to the source).
+        source_from (`str`): ``"manifest"``, or ``"captioner:<name>"`` when the manifest gave no
+            source and the image was captioned.
         edit (`str`): ``"replace"`` (:class:`~nti_utils.p2p.Replace`) or ``"refine"``.
         cross_replace_steps, self_replace_steps: as :class:`~nti_utils.p2p.AttentionEdit` takes
             them (JSON lists become ``(start, end)`` windows).
@@ -62,6 +67,7 @@ class Item:
     path: Path
     source: str
     targets: tuple[str, ...]
+    source_from: str = "manifest"
     edit: str = "replace"
     cross_replace_steps: object = 0.8
     self_replace_steps: object = 0.4
@@ -242,7 +248,14 @@ def _inside(path: str, folder: Path) -> bool:
     return full.startswith(base.rstrip(os.sep) + os.sep)
 
 
-def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = False) -> Item:
+def parse_item(
+    rec: dict,
+    line: int,
+    images: Path,
+    allow_outside_images: bool = False,
+    captioner: Callable[[Path], str] | None = None,
+    captioner_name: str = "",
+) -> Item:
     """Build an :class:`Item` from a manifest record; `ValueError` says what is wrong with it
     (the field, the value received and what is allowed).
 
@@ -252,6 +265,10 @@ def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = 
         images (`Path`): the images folder; `image` paths are relative to it.
         allow_outside_images (`bool`, defaults to `False`): accept `image` paths that lead outside
             `images` (``../x.png``, absolute paths); refused by default.
+        captioner (`Callable[[Path], str]`, *optional*): writes the source prompt of an entry
+            without one (called with the image's path, after every other field is checked);
+            without it such an entry is an error.
+        captioner_name (`str`): recorded in the item's `source_from`.
     """
     if not isinstance(rec, dict):
         raise ValueError(f"an entry must be a JSON object, got {_desc(rec)}")
@@ -291,12 +308,12 @@ def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = 
             "letter or digit)"
         )
     source = rec.get("source")
-    if source is None:
-        raise ValueError("no `source` field (the prompt that describes the image)")
-    if not isinstance(source, str):
+    if source is not None and not isinstance(source, str):
         raise ValueError(f"`source` must be a string (the source prompt), got {_desc(source)}")
-    if not source.strip():
-        raise ValueError("the source prompt is empty")
+    if source is not None and not source.strip():
+        raise ValueError(
+            "the source prompt is empty; leave the `source` field out to caption the image"
+        )
     targets = rec.get("targets")
     if targets is None:
         raise ValueError("no `targets` field (a list of edited prompts)")
@@ -308,8 +325,18 @@ def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = 
     if not targets:
         raise ValueError("`targets` must be a non-empty list of non-empty prompts")
     for k, t in enumerate(targets):
+        if isinstance(t, dict):  # word swaps, applied to the source below
+            if not t or not all(isinstance(a, str) and isinstance(b, str) for a, b in t.items()):
+                raise ValueError(
+                    f'`targets[{k}]` must be a prompt or word swaps {{"word": "new word"}}, got '
+                    f"{_desc(t)}"
+                )
+            continue
         if not isinstance(t, str):
-            raise ValueError(f"`targets[{k}]` must be a string (a prompt), got {_desc(t)}")
+            raise ValueError(
+                f'`targets[{k}]` must be a string (a prompt) or word swaps {{"word": "new word"}}, '
+                f"got {_desc(t)}"
+            )
         if not t.strip():
             raise ValueError(
                 f"`targets[{k}]` is empty: `targets` must be a non-empty list of non-empty prompts"
@@ -349,13 +376,24 @@ def parse_item(rec: dict, line: int, images: Path, allow_outside_images: bool = 
                 )
     if not path.is_file():
         raise ValueError(f"image file not found: {path}")
+    source_from = "manifest"
+    if source is None:
+        if captioner is None:
+            raise ValueError(
+                "no `source` field (the prompt that describes the image) and no captioner to "
+                "write it"
+            )
+        source, source_from = captioner(path), f"captioner:{captioner_name}"
+    source = source.strip()
+    targets = [swap_words(source, t) if isinstance(t, dict) else t.strip() for t in targets]
     return Item(
         id=item_id,
         line=line,
         image=image,
         path=path,
-        source=source.strip(),
-        targets=tuple(t.strip() for t in targets),
+        source=source,
+        targets=tuple(targets),
+        source_from=source_from,
         edit=edit,
         cross_replace_steps=cross,
         self_replace_steps=self_steps,
@@ -386,6 +424,8 @@ def load_items(
     present (inside `images` unless `allow_outside_images`), ids unique, and against the model's
     tokenizer (characters it can represent, prompt length, token alignment of replace edits, blend
     and reweight words). Every bad entry becomes an error record, whatever is wrong with it.
+    Entries without a `source` are captioned with ``settings.captioner`` (loaded once, only if an
+    entry needs it; a captioner that is not there is an error of the run, raised before any work).
     Returns (good items, error records, number of entries).
 
     Args:
@@ -394,11 +434,22 @@ def load_items(
     good, errors, seen = [], [], {}
     tok = pipe.tokenizer
     rows = read_manifest(manifest) if rows is None else rows
+    write_source = None
+    if any(isinstance(rec, dict) and "source" not in rec for _, rec in rows):
+        from nti_utils.caption import load_captioner  # loaded only when an entry needs it
+
+        captioner = load_captioner(settings.captioner, pipe.device)
+
+        def write_source(path: Path) -> str:
+            return captioner(path)[0]
+
     for line, rec in rows:
         try:
             if isinstance(rec, str):
                 raise ValueError(rec)
-            item = parse_item(rec, line, images, allow_outside_images)
+            item = parse_item(
+                rec, line, images, allow_outside_images, write_source, settings.captioner
+            )
             if item.id in seen:
                 raise ValueError(
                     f"duplicate id (first on line {seen[item.id]}); give lines distinct ids"

@@ -61,11 +61,15 @@ class BatchSettings:
             ``--guidance`` and ``--inner-steps`` set its `num_steps`, `guidance_scale` (also the
             edits' w) and `inner_steps`.
         seed (`int`, defaults to 0): combined with each item's id into the item's seed (``--seed``).
+        captioner (`str`, defaults to ``"toy"``): writes the source prompt of entries without one
+            (``--captioner``: ``"toy"``, a local transformers folder or a cached hub id, see
+            :func:`nti_utils.caption.load_captioner`).
     """
 
     model: str = "toy"
     inversion: InversionSettings = field(default_factory=InversionSettings)
     seed: int = 0
+    captioner: str = "toy"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -79,6 +83,11 @@ class BatchSettings:
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"BatchSettings.seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.captioner, str) or not self.captioner.strip():
+            raise ValueError(
+                "BatchSettings.captioner must be 'toy', a folder or a hub id (a string), got "
+                f"{self.captioner!r}"
+            )
 
 
 def check_out(out: str | Path) -> Path:
@@ -144,6 +153,8 @@ def process_item(pipe, item: Item, settings: BatchSettings, folder: Path, chash:
     metrics = {
         "id": item.id,
         "config_hash": chash,
+        "source": item.source,
+        "source_from": item.source_from,
         "psnr": psnr(image, out.images[0]),
         "ssim": ssim(image, out.images[0]),
         "inner_steps": sum(result.inner_steps),
@@ -407,6 +418,11 @@ def main(argv: list[str] | None = None) -> None:
         "--inner-steps", type=int, default=d.inversion.inner_steps, help="Adam steps per timestep"
     )
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument(
+        "--captioner",
+        default=d.captioner,
+        help='writes the source prompt of entries without one: "toy", a folder or a cached hub id',
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads per CPU process")
     p.add_argument("--cpu", action="store_true", help="use the CPU even if a GPU is available")
     p.add_argument("--no-progress", action="store_true")
@@ -436,7 +452,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(err))
     diffusers.utils.logging.disable_progress_bar()  # loading bars, one per process
     transformers.utils.logging.disable_progress_bar()
-    settings = BatchSettings(model=str(a.model), inversion=inversion, seed=a.seed)
+    try:
+        settings = BatchSettings(
+            model=str(a.model), inversion=inversion, seed=a.seed, captioner=a.captioner
+        )
+    except ValueError as err:
+        p.error(str(err))
     try:
         run(
             a.manifest,

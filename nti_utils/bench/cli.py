@@ -121,4 +121,36 @@ def main(argv: list[str] | None = None) -> dict:
     )
     table = write_outputs(results, a.out)
     print(table)
+    from nti_utils.caption import TOY_CAPTIONER_DIR
+
+    if cfg.model == "toy" and (TOY_CAPTIONER_DIR / "config.json").is_file():
+        print(caption_speed())
     return results
+
+
+def caption_speed(n: int = 50) -> str:
+    """One line: the embedded captioner's wall time per caption on one CPU thread, images one at a
+    time (after loading, after one warm-up call), over `n` held-out renders."""
+    import time
+
+    import torch
+
+    from nti_utils.caption import load_captioner
+    from nti_utils.shapes.seeds import CAPTIONER_CHECK
+    from nti_utils.shapes.world import scene_from_seed
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        captioner = load_captioner("toy", "cpu")
+        images = [scene_from_seed(CAPTIONER_CHECK + i).render() for i in range(n)]
+        captioner(images[0])
+        t0 = time.perf_counter()
+        for image in images:
+            captioner(image)
+        ms = 1000 * (time.perf_counter() - t0) / n
+    finally:
+        torch.set_num_threads(threads)
+    return (
+        f"embedded captioner: {ms:.1f} ms per caption on one CPU thread ({n} images, one at a time)"
+    )

@@ -5,6 +5,9 @@ inversion as the original notebook's loop (:func:`~nti_utils.bench.reference.ref
 the library's Algorithm 1 (:func:`~nti_utils.inversion.null_text_inversion`, one image per call)
 and ours (:func:`~nti_utils.inversion.batched_null_text_inversion` with :func:`ours_settings`: the
 reference's update rule, frozen weights, batched across images, a shorter optimizer schedule).
+After them, the inversions that followed null-text inversion (:data:`AFTER_NTI`): Direct Inversion,
+EDICT, edit-friendly DDPM inversion (its noise seeded by the scene) and the fixed-point (ReNoise)
+inversion under guidance, each with its own defaults, reconstructed and edited at the run's w.
 
 Ablations (on the first ``ablation_scenes`` scenes), as the paper ran them (Sec. 4, App. D): random
 pivots (a random trajectory, z_0 noised with one Gaussian sample, as the optimization's targets), a
@@ -23,10 +26,16 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nti_utils.bench.config import DDIM_W, DDIM_W1, LIBRARY, OURS, REFERENCE, BenchConfig
 from nti_utils.bench.reference import reference_null_text_inversion
+from nti_utils.caption import TOY_CAPTIONER_DIR, load_captioner, source_prompt
+from nti_utils.ddpm_inversion import ddpm_inversion
+from nti_utils.direct_inversion import direct_inversion
+from nti_utils.edict import edict_inversion
+from nti_utils.fixed_point import fixed_point_inversion
 from nti_utils.global_null import global_null_text_inversion
 from nti_utils.inversion import (
     batched_null_text_inversion,
@@ -35,6 +44,7 @@ from nti_utils.inversion import (
     null_text_inversion,
 )
 from nti_utils.result import InversionResult, InversionSettings
+from nti_utils.shapes.data import wrong_attribute
 
 SHORT_STEP_SCALE = 3.0
 """Ours' optimizer schedule k: 3x Adam's learning rate, at most ⌈10/3⌉ = 4 inner steps (the paper:
@@ -45,6 +55,19 @@ image (2-core CPU, the embedded model as of commit 1b8cb23). On that model the s
 never reach the early-stop threshold within the paper's 10 updates and their loss falls by a
 near-constant amount per update (Adam moves each coordinate by about lr), so longer steps make the
 same progress in fewer updates."""
+
+
+DIRECT, EDICT, DDPM, FIXED_POINT = (
+    "Direct Inversion",
+    "EDICT",
+    "edit-friendly DDPM",
+    "fixed-point (ReNoise)",
+)
+AFTER_NTI = (DIRECT, EDICT, DDPM, FIXED_POINT)
+CAPTIONED = "ablation: source prompt from the toy captioner"
+"""Null-text inversion (the library's) with the embedded captioner's prompt; compare with
+"ablation baseline: NTI library"."""
+"""The rows of the methods after null-text inversion, in the order they run."""
 
 
 def ours_settings(settings: InversionSettings, device_type: str, autocast: str = "auto"):
@@ -95,6 +118,16 @@ def _one(fn, settings: InversionSettings):
     return invert
 
 
+def _seeded(fn, settings: InversionSettings):
+    """A per-image method whose noise comes from a generator seeded by the scene."""
+
+    def invert(pipe, image, prompt, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return fn(pipe, image, prompt, settings, progress=False, generator=gen)
+
+    return invert
+
+
 def _batched(settings: InversionSettings):
     def invert(pipe, images, prompts, seeds):
         return batched_null_text_inversion(pipe, images, prompts, settings, progress=False)
@@ -126,6 +159,27 @@ def _random_start(settings: InversionSettings):
     return invert
 
 
+def _source_prompt(settings: InversionSettings, kind: str):
+    """Null-text inversion from another source prompt than the scene's caption: the embedded
+    captioner's (``"captioned"``, loaded once per run), ``""`` (``"empty"``) or the caption with
+    one attribute wrong (``"wrong"``, chosen by the scene's seed)."""
+    loaded = []
+
+    def invert(pipe, image, prompt, seed):
+        if kind == "captioned":
+            if not loaded:
+                loaded.append(load_captioner("toy", pipe.device))
+            source, where = source_prompt(image, None, loaded[0])
+        elif kind == "empty":
+            source, where = "", "user"
+        else:
+            source, where = wrong_attribute(prompt, np.random.default_rng(seed)), "user"
+        result = null_text_inversion(pipe, image, source, settings, progress=False)
+        return dataclasses.replace(result, prompt_source=where)
+
+    return invert
+
+
 def _global_null(settings: InversionSettings, passes: int):
     def invert(pipe, image, prompt, seed):
         return global_null_text_inversion(pipe, image, prompt, settings, passes, progress=False)
@@ -151,6 +205,10 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
         Method(REFERENCE, _reference(s)),
         Method(LIBRARY, _one(null_text_inversion, s)),
         Method(OURS, _batched(ours), batched=True),
+        Method(DIRECT, _one(direct_inversion, s)),
+        Method(EDICT, _one(edict_inversion, s)),
+        Method(DDPM, _seeded(ddpm_inversion, s)),
+        Method(FIXED_POINT, _one(fixed_point_inversion, s)),
     ]
     if not cfg.ablations:
         return out
@@ -162,6 +220,18 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
         "variant: last ∅ of one sweep everywhere": _one(null_text_inversion, one_sweep),
     }
     out += [Method(name, fn, group="ablation") for name, fn in variants.items()]
+    # how much the source prompt matters (reconstruction only: an edit starts from the caption)
+    sources = {
+        "ablation: source prompt empty": "empty",
+        "ablation: source prompt, one attribute wrong": "wrong",
+    }
+    # the embedded captioner reads the shapes world only (and is not shipped yet: see README)
+    if cfg.model == "toy" and (TOY_CAPTIONER_DIR / "config.json").is_file():
+        sources = {CAPTIONED: "captioned", **sources}
+    out += [
+        Method(name, _source_prompt(s, kind), group="ablation", edits=False)
+        for name, kind in sources.items()
+    ]
     global_null = _global_null(s, cfg.global_passes)
     out.append(
         Method(

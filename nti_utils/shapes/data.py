@@ -60,6 +60,18 @@ def corrupt_caption(caption: str, p_wrong: float, rng: np.random.Generator) -> s
     return " ".join(words)
 
 
+def wrong_attribute(caption: str, rng: np.random.Generator) -> str:
+    """`caption` with exactly one attribute word (object color, shape or background, chosen at
+    random) replaced by another of its kind: a source prompt that is wrong in one respect."""
+    words = caption.split(" ")
+    slots = [(i, kind) for i, w in enumerate(words) for kind in _WORD_SETS if w in kind]
+    if not slots:
+        raise ValueError(f"{caption!r} names no color, shape or background")
+    i, kind = slots[int(rng.integers(len(slots)))]
+    words[i] = str(rng.choice([w for w in kind if w != words[i]]))
+    return " ".join(words)
+
+
 def single_object_prompts() -> list[str]:
     """All 45 single-object captions (5 colors x 3 shapes x 3 backgrounds)."""
     return [

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from nti_utils.align import swap_words
 from nti_utils.attention import finest_map_resolution
 from nti_utils.editing import EditOutput, build_controller, edit
 from nti_utils.metrics import psnr
@@ -35,6 +36,8 @@ class EditCase:
         source_word, target_word (`str`): the swapped word (e.g. "circle" -> "square").
         region (`np.ndarray`): bool (H, W), where pixels may change (see
             :func:`~nti_utils.shapes.world.edit_region`).
+        source_prompt (`str`, *optional*): the prompt the source was inverted with when it is not
+            the scene's caption (e.g. a captioner's); the target prompt is then its word swap.
     """
 
     kind: str
@@ -43,11 +46,16 @@ class EditCase:
     source_word: str
     target_word: str
     region: np.ndarray
+    source_prompt: str | None = None
 
     @property
     def prompts(self) -> list[str]:
-        """[source caption, target caption]."""
-        return [self.source.caption(), self.target.caption()]
+        """[source prompt, target prompt]: the scenes' captions, or `source_prompt` and its swap of
+        `source_word` for `target_word` (a `ValueError` if it does not name `source_word`)."""
+        if self.source_prompt is None:
+            return [self.source.caption(), self.target.caption()]
+        swap = {self.source_word: self.target_word}
+        return [self.source_prompt, swap_words(self.source_prompt, swap)]
 
     @property
     def blend_words(self) -> list[list[str]]:

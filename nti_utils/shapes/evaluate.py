@@ -112,6 +112,28 @@ def adherence(pipe, prompts, guidance, seed, steps, batch, progress=True):
     return rows
 
 
+CURVE_SCALES = (1.0, 2.0, 3.0, 5.0, 7.5, 10.0)
+"""The guidance scales of :func:`guidance_curve`."""
+
+
+def guidance_curve(pipe, scales=CURVE_SCALES, seeds=3, steps=50, batch=45, progress=True) -> dict:
+    """Prompt adherence against guidance: every single-object prompt with `seeds` seeds (the same
+    initial noise at every w), sampled at each scale; per scale the share of samples whose
+    background, color and shape are all right (``"all"``), and each attribute alone.
+
+    Returns:
+        ``{"n": samples per scale, "scales": {w: {"all", "background", "color", "shape"}}}``.
+    """
+    prompts = single_object_prompts() * seeds
+    out = {}
+    for w in scales:
+        rows = adherence(pipe, prompts, w, 0, steps, batch, progress)
+        rates = {k: float(np.mean([r[k] for r in rows])) for k in ("background", "color", "shape")}
+        rates["all"] = float(np.mean([r["background"] and r["color"] and r["shape"] for r in rows]))
+        out[f"{w:g}"] = rates
+    return {"n": len(prompts), "steps": steps, "scales": out}
+
+
 def inversion_story(pipe, guidance, n=20, steps=50, progress=True):
     """PSNR of DDIM inversion + reconstruction at w = 1 and w = `guidance` on `n` renders."""
     scenes = [scene_from_seed(INVERSION_STORY + i) for i in range(n)]
@@ -216,13 +238,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON here")
     p.add_argument(
+        "--curve",
+        action="store_true",
+        help="only measure adherence (all of background, color, shape right) against guidance",
+    )
+    p.add_argument(
         "--swaps",
         type=int,
         default=0,
         help="only run N Prompt-to-Prompt shape swaps on inverted renders",
     )
     args = p.parse_args(argv)
-    if args.swaps:
+    if args.curve:
+        torch.manual_seed(0)
+        pipe = load_pipeline(args.model, device="cpu")
+        r = guidance_curve(pipe, seeds=args.seeds, steps=args.steps)
+        print(f"single-object samples per scale: {r['n']} ({r['steps']} DDIM steps)")
+        print(f"{'w':>6}{'all right':>11}{'background':>12}{'color':>8}{'shape':>8}")
+        for w, v in r["scales"].items():
+            print(
+                f"{w:>6}{v['all']:>11.3f}{v['background']:>12.3f}{v['color']:>8.3f}{v['shape']:>8.3f}"
+            )
+    elif args.swaps:
         pipe = load_pipeline(args.model, device="cpu")
         r = shape_swaps(pipe, args.swaps, args.steps, args.guidance)
         print(

@@ -30,6 +30,15 @@ LOCALITY = HELD_OUT_SEED + 4_000
 TWO_OBJECTS = HELD_OUT_SEED + 5_000
 """The evaluator's two-object prompts."""
 
+CAPTIONER_CHECK = HELD_OUT_SEED + 6_000
+"""The captioner's held-out checks on the world's own renders."""
+
+REDRAWN = HELD_OUT_SEED + 7_000
+"""Scenes drawn by the second renderer (:mod:`nti_utils.shapes.redraw`) to check the captioner."""
+
+REDRAWN_EDITS = HELD_OUT_SEED + 8_000
+"""Scenes drawn by the second renderer to check the embedded model's edits."""
+
 BENCHMARK_OFFSET = 20_000
 """The benchmark's scene i is ``HELD_OUT_SEED + BENCHMARK_OFFSET + i`` (its ``--seed-offset``)."""
 

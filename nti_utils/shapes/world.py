@@ -177,12 +177,18 @@ def edit_region(source: Scene, target: Scene, grow: int = 1) -> np.ndarray:
         for i, (old, new) in enumerate(zip(source.objects, target.objects)):
             if old != new:
                 region |= before[i] | after[i]
+    return grow_region(region, grow)
+
+
+def grow_region(region: np.ndarray, grow: int) -> np.ndarray:
+    """`region` (bool, (H, W)) grown by `grow` pixels in a square neighbourhood."""
+    h, w = region.shape
     for _ in range(grow):
         padded = np.pad(region, 1)
         region = np.zeros_like(region)
         for dy in (0, 1, 2):
             for dx in (0, 1, 2):
-                region |= padded[dy : dy + a.shape[0], dx : dx + a.shape[1]]
+                region |= padded[dy : dy + h, dx : dx + w]
     return region
 
 
