@@ -104,3 +104,29 @@ def _tiny(seed: int, cfg: ModelConfig, unet_builder) -> StableDiffusionPipeline:
     pipe.register_to_config(_name_or_path="tiny-test")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class FixedCaptions(torch.nn.Module):
+    """A stand-in image-to-text model whose every caption is `text` (tests of the captioning
+    plumbing; :attr:`seen` records the shape of each batch given to :meth:`generate`)."""
+
+    def __init__(self, tokenizer, text: str) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))  # a parameter, for the captioner's device/dtype
+        self.ids = torch.tensor(tokenizer(text).input_ids)
+        self.seen: list[tuple[int, ...]] = []
+
+    def generate(self, pixel_values: torch.Tensor, **kwargs) -> torch.Tensor:
+        self.seen.append(tuple(pixel_values.shape))
+        return self.ids.expand(pixel_values.shape[0], -1)
+
+
+def fixed_captioner(tokenizer, text: str, size: int):
+    """A :class:`~nti_utils.caption.Captioner` named ``"fixed"`` that captions every image `text`,
+    reading images at `size` pixels."""
+    from transformers import ViTImageProcessor
+
+    from nti_utils.caption import Captioner
+
+    processor = ViTImageProcessor(size={"height": size, "width": size})
+    return Captioner(FixedCaptions(tokenizer, text), processor, tokenizer, "fixed")

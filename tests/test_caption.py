@@ -21,35 +21,16 @@ from nti_utils.shapes.train_captioner import (
 )
 from nti_utils.shapes.world import Scene, Shape, scene_from_seed
 
-
-class _FixedCaptions(torch.nn.Module):
-    """A stand-in image-to-text model whose every caption is `text` (the captioning plumbing is
-    tested with it; the tiny BLIP below tests a real architecture)."""
-
-    def __init__(self, tokenizer, text):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.ids = torch.tensor(tokenizer(text).input_ids)
-        self.seen = []
-
-    def generate(self, pixel_values, **kwargs):
-        self.seen.append(tuple(pixel_values.shape))
-        return self.ids.expand(pixel_values.shape[0], -1)
-
-
 SCENE = scene_from_seed(CAPTIONER_CHECK + 3, 1)
 
 
 @pytest.fixture(scope="module")
 def toy():
     """A captioner with the embedded model's tokenizer that writes SCENE's caption."""
-    from transformers import ViTImageProcessor
-
     from nti_utils.shapes.tokenizer import build_tokenizer
+    from nti_utils.testing import fixed_captioner
 
-    tok = build_tokenizer()
-    processor = ViTImageProcessor(size={"height": 64, "width": 64})
-    return Captioner(_FixedCaptions(tok, SCENE.caption()), processor, tok, "fixed")
+    return fixed_captioner(build_tokenizer(), SCENE.caption(), 64)
 
 
 def test_caption_accepts_one_image_a_path_and_a_list(toy, tmp_path):

@@ -28,6 +28,7 @@ from nti_utils.shapes.edits import (
     score_edit,
 )
 from nti_utils.shapes.world import scene_from_seed
+from nti_utils.testing import fixed_captioner
 from nti_utils.widgets import (
     CONTROL_HELP,
     EDIT_CONTROLS,
@@ -98,33 +99,10 @@ def test_panel_starts_at_the_recipe_and_resets_to_it_per_case(tiny_pipe):
     assert RECIPES["color"].blend_finest and not RECIPES["shape"].blend_finest
 
 
-class _FixedCaptions(torch.nn.Module):
-    """A stand-in captioning model whose every caption is `text`."""
-
-    def __init__(self, tokenizer, text):
-        super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
-        self.ids = torch.tensor(tokenizer(text).input_ids)
-
-    def generate(self, pixel_values, **kwargs):
-        return self.ids.expand(pixel_values.shape[0], -1)
-
-
-def _captioner(tiny_pipe, text):
-    from transformers import ViTImageProcessor
-
-    from nti_utils.caption import Captioner
-
-    model = _FixedCaptions(tiny_pipe.tokenizer, text)
-    return Captioner(
-        model, ViTImageProcessor(size={"height": 32, "width": 32}), tiny_pipe.tokenizer, "fixed"
-    )
-
-
 def _panel(tiny_pipe, kinds=("shape", "color"), progress=False, caption=None):
     scene = scene_from_seed(1, n_objects=1, resolution=32)
     cases = [make_edit(scene, kind, np.random.default_rng(0)) for kind in kinds]
-    captioner = _captioner(tiny_pipe, caption or scene.caption())
+    captioner = fixed_captioner(tiny_pipe.tokenizer, caption or scene.caption(), 32)
     return AblationPanel(tiny_pipe, cases, num_steps=3, progress=progress, captioner=captioner)
 
 

@@ -47,6 +47,7 @@ from transformers import (
 
 from nti_utils.shapes.seeds import CAPTIONER_CHECK, REDRAWN
 from nti_utils.shapes.tokenizer import build_tokenizer
+from nti_utils.shapes.train import lr_at
 from nti_utils.shapes.world import (
     BACKGROUNDS,
     OBJECT_COLORS,
@@ -284,11 +285,6 @@ def train(
         step, rng = state["step"], state["rng"]
         print(f"resuming from step {step}")
 
-    def lr_at(i: int) -> float:
-        if i < cfg.warmup:
-            return cfg.lr * (i + 1) / cfg.warmup
-        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (i - cfg.warmup) / (cfg.steps - cfg.warmup)))
-
     model.train()
     bar = tqdm(
         range(step, cfg.steps),
@@ -300,7 +296,7 @@ def train(
     for step in bar:
         pixels, labels = training_batch(cfg, rng, processor, tok)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+            g["lr"] = lr_at(step, cfg.steps, cfg.lr, cfg.warmup, min_ratio=0.0)
         # causal decoder: the padding after the end token cannot affect the tokens before it
         mask = torch.ones_like(labels)
         loss = model(pixel_values=pixels, labels=labels, decoder_attention_mask=mask).loss
