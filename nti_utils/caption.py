@@ -2,7 +2,8 @@
 
 Null-text inversion needs a prompt P that describes the input image; the paper notes that a
 captioning model can write it instead of the user. :func:`caption` does that with the embedded
-captioner (``"toy"``, trained on the shapes world, see ``data/toy-captioner/README.md``), a local
+captioner (``"toy"``, trained on the shapes world by :mod:`nti_utils.shapes.train_captioner`; not
+shipped yet, so ``"toy"`` says how to train it), a local
 transformers folder, or a hub id already in the local cache: any image-to-text model that
 transformers' `AutoModelForImageTextToText` loads (`VisionEncoderDecoderModel`, BLIP's
 `BlipForConditionalGeneration`, GIT's `GitForCausalLM`, ...), called through its own `generate`

@@ -17,6 +17,10 @@ is what :func:`predict_x0` gives for that ε), with ᾱ_t of the timestep the UN
 the conversion is affine in the output with the same z_t for both branches, guiding ε or guiding v
 gives the same step (diffusers guides the raw output).
 
+Text embeddings are (B, L, D) tensors throughout; for SDXL, L counts one more row, the row token
+that carries the pooled embedding and the time ids (:mod:`nti_utils.conditioning`), which
+:func:`predict_noise` splits off for the UNet.
+
 :func:`sample` is text-conditioned sampling with classifier-free guidance (a null embedding per step or
 one for all; its `step` option replaces the DDIM update, e.g. by a stochastic step with given noise);
 :func:`invert` is DDIM inversion returning the whole latent trajectory.
@@ -31,6 +35,8 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
+
+from nti_utils.conditioning import unpack
 
 
 # ------------------------------------------------------------------------------ pure maths
@@ -200,17 +206,34 @@ def predict_noise(
     schedule: DDIMSchedule,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """ε(z, t, emb): the noise prediction (B, C, h, w) for latents (B, C, h, w) and text embeddings
-    (B, L, D), whatever the UNet predicts.
+    """ε(z, t, emb): the noise prediction for latents and text embeddings, whatever the UNet
+    predicts. The library's only UNet call.
 
     Args:
+        unet (`UNet2DConditionModel`): the noise predictor; an SDXL-conditioned one
+            (``addition_embed_type="text_time"`` in its config) gets the pooled embedding and time
+            ids of `emb`'s row token as ``added_cond_kwargs``
+            (:func:`~nti_utils.conditioning.unpack`, detached: gradients reach the token
+            embeddings only).
+        z (`torch.Tensor`): latents z_t, (B, C, h, w).
+        t (`torch.Tensor` or `int`): the timestep.
+        emb (`torch.Tensor`): conditioning, (B, L', D): the token embeddings (L' = L) for SD
+            1.x/2.x, plus SDXL's row token (L' = L + 1), as
+            :func:`~nti_utils.models.embed_prompts` makes them.
         schedule (`DDIMSchedule`): the run's schedule; its `prediction_type` says how to turn the
             UNet's output into ε (see :meth:`DDIMSchedule.to_eps`). Required, so that no caller
             can read a v-prediction model's output as ε by forgetting it.
         dtype (`torch.dtype`, *optional*): cast the UNet's output to this before converting it
             (float32 for a half-precision UNet whose ε feeds an optimization); its own otherwise.
+
+    Returns:
+        `torch.Tensor`: ε, (B, C, h, w).
     """
-    out = unet(z, t, encoder_hidden_states=emb).sample
+    hidden, added = unpack(unet, emb)
+    if added is None:
+        out = unet(z, t, encoder_hidden_states=hidden).sample
+    else:
+        out = unet(z, t, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
     out = out if dtype is None else out.to(dtype)
     return schedule.to_eps(out, z, t)
 
@@ -228,8 +251,9 @@ def guided_noise(
     batch [∅; C] (2B rows) as diffusers' pipeline does; at w = 1 one call on C alone (B rows).
 
     Args:
-        cond (`torch.Tensor`): C, (B, L, D).
-        null (`torch.Tensor`, *optional*): ∅, (B or 1, L, D); unused (may be `None`) at w = 1.
+        cond (`torch.Tensor`): C, (B, L', D) (L' = L, or L + 1 with SDXL's row token: see
+            :func:`predict_noise`).
+        null (`torch.Tensor`, *optional*): ∅, (B or 1, L', D); unused (may be `None`) at w = 1.
         guidance_scale (`float`): w.
         schedule (`DDIMSchedule`): for :func:`predict_noise`.
     """

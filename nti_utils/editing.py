@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
@@ -19,7 +18,7 @@ from nti_utils.align import check_prompt
 from nti_utils.attention import AttentionStore
 from nti_utils.images import latents_to_pil
 from nti_utils.local_blend import LocalBlend
-from nti_utils.models import embed_prompts
+from nti_utils.models import Pipeline, embed_prompts
 from nti_utils.p2p import (
     AttentionEdit,
     Refine,
@@ -123,8 +122,9 @@ def build_controller(
 
 @dataclass
 class EditOutput:
-    """What :func:`edit` returns: images (source reconstruction first), their latents (P, C, h, w),
-    the prompts, and the controller (its stored attention maps can be plotted)."""
+    """What :func:`edit` returns: images (source reconstruction first; none when the edit was run
+    with ``decode=False``), their latents (P, C, h, w), the prompts, and the controller (its stored
+    attention maps can be plotted)."""
 
     images: list[Image.Image]
     latents: torch.Tensor
@@ -133,13 +133,14 @@ class EditOutput:
 
 
 def edit(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     inversion: InversionResult,
     prompts: Sequence[str],
     controller: AttentionStore | None = None,
     guidance_scale: float | None = None,
     progress: bool = True,
     allow_other_source: bool = False,
+    decode: bool = True,
 ) -> EditOutput:
     """Edit an inverted image: sample the source and target prompts in one batch from z̄_T with the
     per-step null embeddings ∅_t and the controller installed, with the sampler the inversion's
@@ -149,7 +150,7 @@ def edit(
     the step callback once per step on ``[x; y]`` joined along channels).
 
     Args:
-        pipe (`StableDiffusionPipeline`): the model the image was inverted with.
+        pipe (:data:`~nti_utils.models.Pipeline`): the model the image was inverted with.
         inversion (`InversionResult`): from null-text (or another) inversion; its per-step
             conditional offsets, if any, are added to every prompt's embedding.
         prompts (`Sequence[str]`): a list: the source prompt (the inversion's) first, then the
@@ -162,6 +163,9 @@ def edit(
         allow_other_source (`bool`, defaults to `False`): allow a source prompt other than the
             inversion's (z̄_T and ∅_t reconstruct the image only with the inversion's prompt, so by
             default that is an error).
+        decode (`bool`, defaults to `True`): decode the latents to images with the VAE; with
+            `False` only the latents are returned (``images`` is empty), e.g. to measure the
+            sampling alone (:mod:`nti_utils.bench.memory`).
 
     Returns:
         :class:`EditOutput`; ``images[0]`` is the source reconstruction.
@@ -198,4 +202,5 @@ def edit(
             )
     cond = embed_prompts(pipe, prompts)
     latents = resample(pipe, inversion, cond, w, controller, progress)
-    return EditOutput(latents_to_pil(pipe, latents), latents, prompts, controller)
+    images = latents_to_pil(pipe, latents) if decode else []
+    return EditOutput(images, latents, prompts, controller)

@@ -32,13 +32,12 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 from tqdm.auto import tqdm
 
 from nti_utils.caption import Captioner, source_prompt
 from nti_utils.ddim import DDIMSchedule, ddim_step, guide, predict_noise
 from nti_utils.images import ImageLike
-from nti_utils.models import embed_prompts, frozen
+from nti_utils.models import Pipeline, embed_prompts, frozen
 from nti_utils.pivots import Prepared, prepare, single
 from nti_utils.resample import resample
 from nti_utils.result import InversionResult, InversionSettings, check_compatible
@@ -64,7 +63,7 @@ def _baseline(pipe, image, prompt, settings, progress, method: str, captioner) -
 
 
 def ddim_inversion(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     image: ImageLike | torch.Tensor,
     prompt: str | None = None,
     settings: InversionSettings = InversionSettings(),
@@ -78,7 +77,7 @@ def ddim_inversion(
 
 
 def negative_prompt_inversion(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     image: ImageLike | torch.Tensor,
     prompt: str | None = None,
     settings: InversionSettings = InversionSettings(),
@@ -103,7 +102,7 @@ class _Step:
     eps_fixed: torch.Tensor  # ε(z̄_t, t, C), or ε(z̄_t, t, ∅) when C is optimized; float32
     target: torch.Tensor  # z*_{t-1}, float32
     threshold: float
-    emb: list[torch.Tensor]  # the optimized embedding per image, (1, L, D) float32 leaves
+    emb: list[torch.Tensor]  # the optimized embedding per image, (1, L', D) float32 leaves
     z_next: torch.Tensor  # z̄_{t-1} of the rows that are done (check-first rule)
     losses: list[list[float]]
     counts: list[int]
@@ -239,7 +238,7 @@ def _optimize(unet, prep: Prepared, latent, s: InversionSettings, progress: bool
 
 
 def batched_null_text_inversion(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     images: Sequence[ImageLike] | torch.Tensor,
     prompts: Sequence[str],
     settings: InversionSettings = InversionSettings(),
@@ -251,7 +250,7 @@ def batched_null_text_inversion(
     docstring for the steps).
 
     Args:
-        pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
+        pipe (:data:`~nti_utils.models.Pipeline`): from :func:`~nti_utils.models.load_pipeline`.
         images (sequence of images, or `torch.Tensor`): B images (loaded and resized to the model's
             resolution), or their latents z_0, (B, C, h, w).
         prompts (`Sequence[str]`): the source prompt P of each image.
@@ -321,7 +320,7 @@ def batched_null_text_inversion(
 
 
 def null_text_inversion(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     image: ImageLike | torch.Tensor,
     prompt: str | None = None,
     settings: InversionSettings = InversionSettings(),
@@ -334,7 +333,7 @@ def null_text_inversion(
     :func:`batched_null_text_inversion`, with a batch of one.
 
     Args:
-        pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
+        pipe (:data:`~nti_utils.models.Pipeline`): from :func:`~nti_utils.models.load_pipeline`.
         image (image-like or `torch.Tensor`): a real image (loaded and resized to the model's
             resolution) or its latents z_0, (1, C, h, w).
         prompt (`str`, *optional*): the source prompt P describing the image; if omitted, the
@@ -364,7 +363,7 @@ def null_text_inversion(
 
 
 def reconstruct(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     result: InversionResult,
     guidance_scale: float | None = None,
     progress: bool = True,
@@ -374,7 +373,14 @@ def reconstruct(
     Inversion's corrected steps, edit-friendly DDPM's noise maps or EDICT's coupled sampler).
 
     Args:
+        pipe (:data:`~nti_utils.models.Pipeline`): the model the image was inverted with (SD
+            1.x/2.x or SDXL; checked, :func:`~nti_utils.result.check_compatible`).
+        result (`InversionResult`): the inversion.
         guidance_scale (`float`, *optional*): defaults to the result's own w.
+        progress (`bool`, defaults to `True`): show a tqdm bar.
+
+    Returns:
+        `torch.Tensor`: z_0, (1, C, h, w) in the UNet's dtype.
     """
     check_compatible(result, pipe)
     w = result.settings.guidance_scale if guidance_scale is None else guidance_scale

@@ -1,8 +1,15 @@
-"""Loading a Stable Diffusion pipeline: the embedded model (``"toy"``) or any SD 1.x/2.x checkpoint.
+"""Loading a Stable Diffusion pipeline: the embedded model (``"toy"``) or any SD 1.x/2.x/XL
+checkpoint, and the prompt embeddings the library conditions on.
 
-One entry point, :func:`load_pipeline`, returns a diffusers `StableDiffusionPipeline` whose scheduler is
-a `DDIMScheduler` with the checkpoint's own trajectory settings, SD's where it has none
-(:func:`sd_ddim_scheduler`), on a sensible device and dtype. Nothing is downloaded unless you ask for it (``allow_download=True``).
+One entry point, :func:`load_pipeline`, returns a diffusers `StableDiffusionPipeline` (or, for an
+SDXL folder, a `StableDiffusionXLPipeline`) whose scheduler is a `DDIMScheduler` with the
+checkpoint's own trajectory settings, SD's where it has none (:func:`sd_ddim_scheduler`), on a
+sensible device and dtype. Nothing is downloaded unless you ask for it (``allow_download=True``).
+
+:func:`embed_prompts` and :func:`null_embedding` give the conditioning as one tensor (B, L', D)
+for both: SD's text-encoder output (L' = L), or SDXL's two encoders' penultimate hidden states side
+by side plus one row token carrying the pooled embedding and the time ids (L' = L + 1,
+:mod:`nti_utils.conditioning`).
 """
 
 from __future__ import annotations
@@ -16,10 +23,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import diffusers.utils.logging as diffusers_logging
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+import transformers.utils.logging as transformers_logging
+from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from nti_utils.conditioning import NUM_TIME_IDS, added_cond_layout, extra_rows, pack
 from nti_utils.ddim import check_prediction_type
+
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+"""The pipelines the library runs: SD 1.x/2.x (and the embedded model) or SDXL."""
 
 SD_SCHEDULER_CONFIG: dict = dict(
     num_train_timesteps=1000,
@@ -175,7 +188,11 @@ _COMPONENT_FILES: dict[str, tuple[tuple[str, ...], str]] = {
     ),
     "scheduler": (("scheduler_config.json",), "scheduler_config.json"),
 }
-_WEIGHTED = ("unet", "vae", "text_encoder")
+_WEIGHTED = ("unet", "vae", "text_encoder", "text_encoder_2")
+_SDXL_COMPONENT_FILES = {
+    "text_encoder_2": _COMPONENT_FILES["text_encoder"],
+    "tokenizer_2": _COMPONENT_FILES["tokenizer"],
+}
 
 
 def _reload_hint(path: Path) -> str:
@@ -186,8 +203,28 @@ def _reload_hint(path: Path) -> str:
     )
 
 
+def _listed(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+def is_sdxl_index(index: dict) -> bool:
+    """Whether a ``model_index.json`` (as a dict) describes an SDXL pipeline: its ``_class_name`` is
+    an SDXL pipeline's (``"StableDiffusionXLPipeline"``, ...), or it lists a ``text_encoder_2``."""
+    name = str(index.get("_class_name", ""))
+    return name.startswith("StableDiffusionXL") or _listed(index, "text_encoder_2")
+
+
 def check_model_folder(path: str | os.PathLike) -> Path:
-    """Check that `path` is a complete diffusers Stable Diffusion folder before loading it.
+    """Check that `path` is a complete diffusers Stable Diffusion (1.x/2.x or XL) folder before
+    loading it. An SDXL folder (:func:`is_sdxl_index`) must also hold ``text_encoder_2`` and
+    ``tokenizer_2``.
+
+    Args:
+        path (`str` or `os.PathLike`): the folder.
+
+    Returns:
+        `Path`: the folder, user-expanded.
 
     Raises:
         FileNotFoundError: no such folder, no ``model_index.json``, or a component's subfolder or
@@ -222,13 +259,15 @@ def check_model_folder(path: str | os.PathLike) -> Path:
         raise ValueError(f"{index} is not valid JSON ({err}). " + _reload_hint(path)) from None
     if not isinstance(listed, dict):
         raise ValueError(f"{index} must hold a JSON object. " + _reload_hint(path))
-    for name, (files, what) in _COMPONENT_FILES.items():
+    components = dict(_COMPONENT_FILES)
+    if is_sdxl_index(listed):
+        components.update(_SDXL_COMPONENT_FILES)
+    for name, (files, what) in components.items():
         folder = path / name
-        entry = listed.get(name)
-        if not isinstance(entry, list) or not entry or entry[0] is None:
+        if not _listed(listed, name):
+            needs = ", ".join(components)
             raise ValueError(
-                f"{index} lists no {name!r} component, which Stable Diffusion needs (unet, vae, "
-                "text_encoder, tokenizer, scheduler)"
+                f"{index} lists no {name!r} component, which this model needs ({needs})"
             )
         if not folder.is_dir():
             raise FileNotFoundError(
@@ -268,18 +307,40 @@ def _weights_variant(folder: str | Path) -> str | None:
     return "fp16" if names and not plain else None
 
 
+@contextmanager
+def _no_loading_bars() -> Iterator[None]:
+    """diffusers' and transformers' loading bars off while a local folder loads (a second at most;
+    in a notebook they would stay behind as frozen bars), restored afterwards."""
+    libs = (diffusers_logging, transformers_logging)
+    were_on = [lib.is_progress_bar_enabled() for lib in libs]
+    for lib in libs:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, on in zip(libs, were_on):
+            if on:
+                lib.enable_progress_bar()
+
+
 def load_pipeline(
     model: str | os.PathLike = "toy",
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
     allow_download: bool = False,
-) -> StableDiffusionPipeline:
-    """Load a Stable Diffusion pipeline ready for inversion and editing.
+) -> Pipeline:
+    """Load a Stable Diffusion (1.x, 2.x or XL) pipeline ready for inversion and editing.
+
+    The architecture is read from the folder's ``model_index.json`` (:func:`is_sdxl_index`: its
+    ``_class_name``, or a ``text_encoder_2``): an SDXL folder loads as `StableDiffusionXLPipeline`
+    (no watermarker), whose VAE is kept in float32 when its config says ``force_upcast`` (SDXL's VAE
+    gives NaNs in float16; diffusers upcasts it the same way), whatever `dtype` the rest gets.
 
     Args:
         model (`str` or `os.PathLike`, defaults to ``"toy"``): ``"toy"`` for the embedded miniature SD
             under ``data/``, a local diffusers folder, or a hub id such as
-            ``"CompVis/stable-diffusion-v1-4"`` (from the local Hugging Face cache).
+            ``"CompVis/stable-diffusion-v1-4"`` or ``"stabilityai/stable-diffusion-xl-base-1.0"``
+            (from the local Hugging Face cache).
         device (`torch.device` or `str`, *optional*): defaults to :func:`default_device`.
         dtype (`torch.dtype` or `str`, *optional*): ``torch.float16``/``"float16"``,
             ``"bfloat16"`` or ``"float32"``; defaults to :func:`default_dtype` of the device.
@@ -287,8 +348,9 @@ def load_pipeline(
             local cache. Off by default: this project runs offline.
 
     Returns:
-        `StableDiffusionPipeline` with SD's `DDIMScheduler`, no safety checker, progress bar off,
-        ``pipe.config._name_or_path`` set to ``"toy"`` for the embedded model.
+        `StableDiffusionPipeline` or `StableDiffusionXLPipeline` (:data:`Pipeline`) with SD's
+        `DDIMScheduler` (the checkpoint's trajectory settings), no safety checker, progress bar
+        off, ``pipe.config._name_or_path`` set to ``"toy"`` for the embedded model.
 
     Raises:
         FileNotFoundError: when the weights are not on this machine, or a folder lacks a component
@@ -319,15 +381,22 @@ def load_pipeline(
     else:
         source = Path(model).expanduser() if local else model
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            variant=_weights_variant(source) if local or str(model) == "toy" else None,
-            dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=not allow_download,
-        )
+        index = StableDiffusionPipeline.load_config(source, local_files_only=not allow_download)
+        if is_sdxl_index(index):
+            cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
+        else:
+            cls = StableDiffusionPipeline
+            options = dict(
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+        with _no_loading_bars():
+            pipe = cls.from_pretrained(
+                source,
+                variant=_weights_variant(source) if local or str(model) == "toy" else None,
+                dtype=dtype,
+                local_files_only=not allow_download,
+                **options,
+            )
     except Exception as err:
         if local or str(model) == "toy":
             raise ValueError(
@@ -347,7 +416,19 @@ def load_pipeline(
     if str(model) == "toy":
         pipe.register_to_config(_name_or_path="toy")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if is_sdxl(pipe) and pipe.vae.config.get("force_upcast", False) and dtype != torch.float32:
+        pipe.vae.to(torch.float32)  # what diffusers' SDXL pipeline does before decoding
+    return pipe
+
+
+def is_sdxl(pipe: Pipeline) -> bool:
+    """Whether `pipe` is SDXL-shaped: a second text encoder (``text_encoder_2``) or a UNet that
+    takes SDXL's added conditioning (:func:`~nti_utils.conditioning.added_cond_layout`)."""
+    return (
+        getattr(pipe, "text_encoder_2", None) is not None
+        or added_cond_layout(pipe.unet) is not None
+    )
 
 
 def scheduler_hash(scheduler: DDIMScheduler) -> str:
@@ -385,11 +466,11 @@ def _module_hash(module: torch.nn.Module, refresh: bool) -> str:
     return _FINGERPRINTS[module]
 
 
-def model_fingerprint(pipe: StableDiffusionPipeline, refresh: bool = False) -> str:
-    """Short hash of every weight of the UNet, the text encoder and the VAE (all state-dict
-    tensors, names and shapes, floating point ones rounded to float16 on the CPU, so fp16 and fp32
-    loads of one checkpoint agree) and of the VAE's scaling factor: tells two models apart
-    whatever their folder is called, a fine-tuned UNet or a swapped VAE included.
+def model_fingerprint(pipe: Pipeline, refresh: bool = False) -> str:
+    """Short hash of every weight of the UNet, the text encoder (and SDXL's ``text_encoder_2``) and
+    the VAE (all state-dict tensors, names and shapes, floating point ones rounded to float16 on the
+    CPU, so fp16 and fp32 loads of one checkpoint agree) and of the VAE's scaling factor: tells two
+    models apart whatever their folder is called, a fine-tuned UNet or a swapped VAE included.
 
     Computed once per component module and cached (a few seconds for SD's 1B weights on a GPU).
     Changing weights in place afterwards (fine-tuning, ``load_state_dict``) is not noticed: call
@@ -397,32 +478,22 @@ def model_fingerprint(pipe: StableDiffusionPipeline, refresh: bool = False) -> s
     is noticed without it.
     """
     h = hashlib.sha256()
-    for name in ("unet", "text_encoder", "vae"):
+    names = ["unet", "text_encoder", "vae"]
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        names.append("text_encoder_2")
+    for name in names:
         h.update(f"{name}:{_module_hash(getattr(pipe, name), refresh)};".encode())
     h.update(f"scaling_factor:{pipe.vae.config.get('scaling_factor')}".encode())
     return h.hexdigest()[:16]
 
 
-def model_id(pipe: StableDiffusionPipeline) -> str:
+def model_id(pipe: Pipeline) -> str:
     """The name the pipeline was loaded under (``"toy"``, a hub id or a folder)."""
     return str(pipe.config.get("_name_or_path", "") or "unnamed")
 
 
-def embed_prompts(pipe: StableDiffusionPipeline, prompts: str | list[str]) -> torch.Tensor:
-    """Text embeddings as SD's pipeline computes them: `C = text_encoder(P)`.
-
-    Args:
-        pipe (`StableDiffusionPipeline`): its tokenizer pads to ``tokenizer.model_max_length``.
-        prompts (`str` or `list[str]`): ``""`` gives the null embedding `∅`.
-
-    Returns:
-        `torch.Tensor` of shape (B, L, D), L = ``tokenizer.model_max_length``, in the pipeline's dtype.
-
-    Raises:
-        ValueError: when a prompt has more tokens than the model can read (nothing is cut silently).
-    """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    tok = pipe.tokenizer
+def _token_ids(tok, prompts: list[str]) -> list[list[int]]:
+    """Token ids padded to ``tok.model_max_length``; a `ValueError` for a prompt that is longer."""
     max_len = tok.model_max_length
     ids = tok(
         prompts, padding="max_length", max_length=max_len, truncation=False, return_tensors=None
@@ -433,13 +504,153 @@ def embed_prompts(pipe: StableDiffusionPipeline, prompts: str | list[str]) -> to
                 f"prompt {p!r} has {len(row)} tokens with start/end, more than the {max_len} this "
                 "model reads; shorten it."
             )
-    ids = torch.tensor(ids, device=pipe.text_encoder.device)
+    return ids
+
+
+def image_size(pipe: Pipeline) -> tuple[int, int]:
+    """(height, width) in pixels of the images the pipeline makes by default: the UNet's sample
+    size times the VAE's downsampling factor, ``2 ** (len(vae.config.block_out_channels) - 1)``."""
+    size = pipe.unet.config.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(h) * f, int(w) * f
+
+
+def time_ids(pipe: Pipeline, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """SDXL's time ids for an image of `size` pixels, as `StableDiffusionXLPipeline` makes them by
+    default: ``(original_size, crops_coords_top_left=(0, 0), target_size)`` with both sizes the
+    image's.
+
+    Args:
+        pipe (:data:`Pipeline`): the pipeline (its default :func:`image_size` when `size` is None).
+        size (`tuple[int, int]`, *optional*): (height, width) in pixels.
+
+    Returns:
+        `torch.Tensor`: (1, NUM_TIME_IDS) float32.
+    """
+    h, w = image_size(pipe) if size is None else size
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
+
+
+def _sdxl_embed(
+    pipe: Pipeline, prompts: list[str], size: tuple[int, int] | None, null: bool
+) -> torch.Tensor:
+    """SDXL's conditioning (B, L + 1, D), as `StableDiffusionXLPipeline.encode_prompt` computes
+    it, packed with the row token (:func:`~nti_utils.conditioning.pack`)."""
+    pooled_dim = added_cond_layout(pipe.unet)
+    encoders = [pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    tokenizers = [pipe.tokenizer, getattr(pipe, "tokenizer_2", None)]
+    if pooled_dim is None or any(m is None for m in encoders + tokenizers):
+        raise ValueError(
+            "an SDXL pipeline needs text_encoder, text_encoder_2, tokenizer, tokenizer_2 and a UNet "
+            "with addition_embed_type='text_time'; this one lacks some of them"
+        )
+    lengths = {tok.model_max_length for tok in tokenizers}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"the two tokenizers pad to different lengths {sorted(lengths)}; the library needs one "
+            "token count L for both text encoders"
+        )
+    hidden, pooled = [], None
+    with torch.no_grad():
+        for tok, encoder in zip(tokenizers, encoders):
+            ids = torch.tensor(_token_ids(tok, prompts), device=encoder.device)
+            out = encoder(ids, output_hidden_states=True)
+            # as diffusers: the pooled embedding is the first 2-D output (text_encoder_2's
+            # projection, CLIPTextModelWithProjection.text_embeds)
+            if pooled is None and out[0].ndim == 2:
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2])
+    if pooled is None:
+        raise ValueError(
+            "neither text encoder gives a pooled (projected) embedding; SDXL's text_encoder_2 must "
+            "be a CLIPTextModelWithProjection"
+        )
+    if pooled.shape[-1] != pooled_dim:
+        raise ValueError(
+            f"the UNet's config expects a {pooled_dim}-number pooled embedding (from "
+            "projection_class_embeddings_input_dim - "
+            f"{NUM_TIME_IDS} x addition_time_embed_dim), the text encoder gives {pooled.shape[-1]}"
+        )
+    tokens = torch.cat([h.to(pooled.device) for h in hidden], dim=-1)
+    if null and pipe.config.get("force_zeros_for_empty_prompt", False):
+        tokens, pooled = torch.zeros_like(tokens), torch.zeros_like(pooled)
+    dtype = pipe.unet.dtype
+    return pack(tokens.to(dtype), pooled.to(dtype), time_ids(pipe, size))
+
+
+def embed_prompts(
+    pipe: Pipeline, prompts: str | list[str], size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Text conditioning as the diffusers pipeline computes it: `C = text_encoder(P)`.
+
+    * SD 1.x/2.x: the text encoder's last hidden states (with the attention mask where its config
+      asks for one).
+    * SDXL (:func:`is_sdxl`): as `StableDiffusionXLPipeline.encode_prompt` with the same prompt for
+      both encoders: the penultimate hidden states of ``text_encoder`` and ``text_encoder_2``
+      concatenated along D, and one more row, the row token ``[pooled, time ids, 0...]``
+      (:mod:`nti_utils.conditioning`): the pooled embedding is ``text_encoder_2``'s projection, the
+      time ids those of :func:`time_ids` for `size`. :func:`~nti_utils.ddim.predict_noise` hands
+      them to the UNet as ``added_cond_kwargs``.
+
+    Args:
+        pipe (:data:`Pipeline`): its tokenizer(s) pad to ``tokenizer.model_max_length``.
+        prompts (`str` or `list[str]`): B prompts. ``""`` encodes the empty prompt; for the null
+            embedding ∅ of classifier-free guidance use :func:`null_embedding` (SDXL's is zeros).
+        size (`tuple[int, int]`, *optional*): SDXL only: (height, width) in pixels of the image
+            the time ids describe; defaults to the model's :func:`image_size`.
+
+    Returns:
+        `torch.Tensor` of shape (B, L', D) in the UNet's dtype (:func:`embedding_shape` gives
+        (L', D)): L = ``tokenizer.model_max_length``; L' = L (SD) or L + 1 (SDXL); D the text
+        encoder's width (SDXL: both widths summed).
+
+    Raises:
+        ValueError: when a prompt has more tokens than the model can read (nothing is cut
+            silently), or an SDXL pipeline whose parts do not fit together.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if is_sdxl(pipe):
+        return _sdxl_embed(pipe, prompts, size, null=False)
+    tok = pipe.tokenizer
+    ids = torch.tensor(_token_ids(tok, prompts), device=pipe.text_encoder.device)
     mask = None
     if getattr(pipe.text_encoder.config, "use_attention_mask", False):
         mask = (ids != tok.pad_token_id).long()
     with torch.no_grad():
         emb = pipe.text_encoder(ids, attention_mask=mask)[0]
     return emb.to(dtype=pipe.unet.dtype)
+
+
+def null_embedding(pipe: Pipeline, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """The null (unconditional) embedding ∅ of classifier-free guidance, as the diffusers pipeline
+    makes it without a negative prompt: ``embed_prompts(pipe, "")`` for SD 1.x/2.x; for SDXL with
+    ``force_zeros_for_empty_prompt`` (SDXL base) zeros for the tokens and the pooled embedding,
+    with the time ids of `size` in the row token (else the empty prompt's embeddings).
+
+    Null-text inversion optimizes the token rows of this ∅_t; SDXL's pooled embedding and time ids
+    stay fixed (the row token is detached where it is read).
+
+    Args:
+        pipe (:data:`Pipeline`): the pipeline.
+        size (`tuple[int, int]`, *optional*): as in :func:`embed_prompts`.
+
+    Returns:
+        `torch.Tensor`: (1, L', D) in the UNet's dtype.
+    """
+    if is_sdxl(pipe):
+        return _sdxl_embed(pipe, [""], size, null=True)
+    return embed_prompts(pipe, "")
+
+
+def embedding_shape(pipe: Pipeline) -> tuple[int, int]:
+    """(L', D) of the pipeline's conditioning tensors (:func:`embed_prompts`): L' the token count
+    L = ``tokenizer.model_max_length`` plus SDXL's row token, D the text encoder's width (SDXL:
+    ``text_encoder`` and ``text_encoder_2`` together)."""
+    width = pipe.text_encoder.config.hidden_size
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        width += pipe.text_encoder_2.config.hidden_size
+    return pipe.tokenizer.model_max_length + extra_rows(pipe.unet), width
 
 
 @contextmanager

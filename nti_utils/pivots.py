@@ -13,12 +13,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import StableDiffusionPipeline
 
 from nti_utils.align import check_prompt
 from nti_utils.ddim import DDIMSchedule, invert
 from nti_utils.images import ImageLike, encode, load_image, model_resolution, pil_to_tensor
-from nti_utils.models import embed_prompts
+from nti_utils.models import Pipeline, embed_prompts, null_embedding
 from nti_utils.result import InversionSettings
 
 
@@ -27,14 +26,14 @@ class Prepared:
     """The shared first steps of every inversion, for B images."""
 
     schedule: DDIMSchedule
-    cond: torch.Tensor  # C, (B, L, D)
-    null: torch.Tensor  # ∅ = encoder(""), (1, L, D)
+    cond: torch.Tensor  # C, (B, L', D): L' = L, or L + 1 with SDXL's row token
+    null: torch.Tensor  # ∅ (models.null_embedding: encoder(""); SDXL base: zeros), (1, L', D)
     pivots: list[torch.Tensor]  # z*_0..z*_N, each (B, C, h, w); [z_0] from prepare_inputs
     timings: dict[str, float]
 
 
 def prepare_inputs(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     images: Sequence[ImageLike] | torch.Tensor,
     prompts: Sequence[str],
     settings: InversionSettings,
@@ -48,7 +47,7 @@ def prepare_inputs(
     call is made.
 
     Args:
-        pipe (`StableDiffusionPipeline`): from :func:`~nti_utils.models.load_pipeline`.
+        pipe (:data:`~nti_utils.models.Pipeline`): from :func:`~nti_utils.models.load_pipeline`.
         images (sequence of image-likes, or `torch.Tensor`): B images, or their latents
             (B, C, h, w).
         prompts (sequence of `str`): one source prompt per image.
@@ -99,13 +98,13 @@ def prepare_inputs(
     z0 = z0.to(device=unet.device, dtype=unet.dtype)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, settings.num_steps)
     cond = embed_prompts(pipe, list(prompts))
-    null = embed_prompts(pipe, "")
+    null = null_embedding(pipe)
     timings["encode"] = time.perf_counter() - t0
     return Prepared(schedule, cond, null, [z0], timings)
 
 
 def prepare(
-    pipe: StableDiffusionPipeline,
+    pipe: Pipeline,
     images: Sequence[ImageLike] | torch.Tensor,
     prompts: Sequence[str],
     settings: InversionSettings,
@@ -132,7 +131,7 @@ def prepare(
     return prep
 
 
-def _check_latents(pipe: StableDiffusionPipeline, z: torch.Tensor) -> None:
+def _check_latents(pipe: Pipeline, z: torch.Tensor) -> None:
     """Latents z_0 must be (B, C, h, w) with the UNet's channels and sample size, and finite."""
     cfg, shape = pipe.unet.config, tuple(z.shape)
     size = cfg.sample_size

@@ -12,6 +12,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from nti_utils.align import prompt_tokens
+from nti_utils.metrics import psnr, to_float_array
 
 
 def image_grid(
@@ -35,6 +36,46 @@ def image_grid(
                 ax.set_title(titles[k], fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def reconstruction_grid(
+    reference: Image.Image | np.ndarray,
+    outputs: dict[str, Image.Image | np.ndarray],
+    size: float = 2.0,
+    vmax: float | None = None,
+    reference_title: str = "input",
+) -> Figure:
+    """The reference image and each output with its PSNR (top row), and under each output the
+    difference map |reference - output| (mean over RGB, in 0-255 gray levels; bottom row), so that a
+    PSNR can be seen: 20 dB is a mean error of about 26 levels, 35 dB about 4.
+
+    Args:
+        reference: the image the outputs should match, (H, W, 3).
+        outputs (`dict[str, image]`): title -> image of the same size.
+        vmax (`float`, *optional*): top of the difference maps' color scale, the same for every
+            map so that they compare; defaults to the largest difference shown.
+
+    Returns:
+        `Figure` with 2 rows and 1 + len(outputs) columns (the reference's second cell is empty).
+    """
+    ref = to_float_array(reference)
+    diffs = {k: np.abs(ref - to_float_array(v)).mean(-1) * 255 for k, v in outputs.items()}
+    top = vmax if vmax is not None else max(float(d.max()) for d in diffs.values()) or 1.0
+    n = 1 + len(outputs)
+    fig = Figure(figsize=(size * n * 1.1, size * 2.1))
+    axes = fig.subplots(2, n, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(np.asarray(reference), interpolation="nearest")
+    axes[0, 0].set_title(reference_title, fontsize=8)
+    for j, (name, image) in enumerate(outputs.items(), start=1):
+        axes[0, j].imshow(np.asarray(image), interpolation="nearest")
+        axes[0, j].set_title(f"{name}\n{psnr(reference, image):.1f} dB", fontsize=8)
+        im = axes[1, j].imshow(diffs[name], cmap="magma", vmin=0, vmax=top, interpolation="nearest")
+        axes[1, j].set_title(f"|{reference_title} - output|", fontsize=8)
+        fig.colorbar(im, ax=axes[1, j], fraction=0.046, pad=0.04)
     fig.tight_layout()
     return fig
 

@@ -18,10 +18,15 @@ from pathlib import Path
 from typing import Literal, get_args
 
 import torch
-from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file, save_file
 
-from nti_utils.models import model_fingerprint, model_id, scheduler_hash
+from nti_utils.models import (
+    Pipeline,
+    embedding_shape,
+    model_fingerprint,
+    model_id,
+    scheduler_hash,
+)
 
 FORMAT_VERSION = "1"
 
@@ -194,8 +199,11 @@ class InversionResult:
 
     Attributes:
         latent_T (`torch.Tensor`): z̄_T, (1, C, h, w).
-        null_embeddings (`torch.Tensor`): ∅_t for each sampling step, (N, 1, L, D), in sampling order
-            (first row for t = T).
+        null_embeddings (`torch.Tensor`): ∅_t for each sampling step, (N, 1, L', D), in sampling
+            order (first row for t = T); (L', D) is the pipeline's
+            :func:`~nti_utils.models.embedding_shape`: L' = L tokens, or L + 1 for SDXL, whose last
+            row carries the (fixed, not optimized) pooled embedding and time ids
+            (:mod:`nti_utils.conditioning`), saved with the tokens.
         prompt (`str`): the source prompt P whose embedding C was used.
         prompt_source (`str`, defaults to ``"user"``): where P came from: ``"user"`` (passed in),
             or ``"captioner:<name>"`` when a captioning model wrote it (:mod:`nti_utils.caption`).
@@ -216,7 +224,7 @@ class InversionResult:
         unet_calls (`dict[str, int]`): latent rows through the UNet during the optimization,
             ``"forward"`` and ``"backward"`` (the pivots' DDIM inversion not included); like
             `timings`, the whole batch's when images were inverted together.
-        cond_offsets (`torch.Tensor`, *optional*): ``C_t - C`` per sampling step, (N, 1, L, D), when
+        cond_offsets (`torch.Tensor`, *optional*): ``C_t - C`` per sampling step, (N, 1, L', D), when
             the conditional embedding was optimized (``settings.optimize == "cond"``); added to the
             embedding of every prompt at step t when reconstructing or editing. `None` otherwise.
         method_settings (*optional*): the settings of a method beyond :class:`InversionSettings`
@@ -255,15 +263,15 @@ class InversionResult:
     coupled_latent_T: torch.Tensor | None = None
 
     def uncond_per_step(self) -> list[torch.Tensor]:
-        """The null embeddings as a list of (1, L, D) tensors, one per sampling step."""
+        """The null embeddings as a list of (1, L', D) tensors, one per sampling step."""
         return list(self.null_embeddings)
 
     def cond_offsets_per_step(self) -> list[torch.Tensor] | None:
-        """The conditional offsets as a list of (1, L, D) tensors, or `None` if there are none."""
+        """The conditional offsets as a list of (1, L', D) tensors, or `None` if there are none."""
         return None if self.cond_offsets is None else list(self.cond_offsets)
 
     @classmethod
-    def for_pipeline(cls, pipe: StableDiffusionPipeline, **values) -> InversionResult:
+    def for_pipeline(cls, pipe: Pipeline, **values) -> InversionResult:
         """A result stamped with `pipe`'s identity (model id, fingerprint, scheduler hash)."""
         return cls(
             model_id=model_id(pipe),
@@ -273,8 +281,15 @@ class InversionResult:
         )
 
 
-def check_compatible(result: InversionResult, pipe: StableDiffusionPipeline) -> None:
-    """Raise a `ValueError` if `result` was made with another model or scheduler."""
+def check_compatible(result: InversionResult, pipe: Pipeline) -> None:
+    """Raise a `ValueError` if `result` was made with another model or scheduler, or its null
+    embeddings are not (L', D) of this pipeline's conditioning
+    (:func:`~nti_utils.models.embedding_shape`: L tokens, plus SDXL's row token).
+
+    Args:
+        result (`InversionResult`): the inversion.
+        pipe (:data:`~nti_utils.models.Pipeline`): the pipeline it is used with.
+    """
     problems = []
     if result.model_fingerprint and result.model_fingerprint != model_fingerprint(pipe):
         problems.append(
@@ -284,7 +299,7 @@ def check_compatible(result: InversionResult, pipe: StableDiffusionPipeline) -> 
     if result.scheduler_hash and result.scheduler_hash != scheduler_hash(pipe.scheduler):
         problems.append("its scheduler settings differ from this pipeline's")
     shape = tuple(result.null_embeddings.shape[-2:])
-    want = (pipe.tokenizer.model_max_length, pipe.text_encoder.config.hidden_size)
+    want = embedding_shape(pipe)
     if shape != want:
         problems.append(f"its null embeddings are {shape}, this model's are {want}")
     if problems:
@@ -474,13 +489,13 @@ def _check_saved(path: Path, meta: dict, tensors: dict) -> None:
 
 def load_inversion(
     path: str | Path,
-    pipe: StableDiffusionPipeline | None = None,
+    pipe: Pipeline | None = None,
     num_steps: int | None = None,
 ) -> InversionResult:
     """Read a result written by :func:`save_inversion`.
 
     Args:
-        pipe (`StableDiffusionPipeline`, *optional*): if given, the result must match its model and
+        pipe (:data:`~nti_utils.models.Pipeline`, *optional*): if given, the result must match its model and
             scheduler (else `ValueError`), and tensors are moved to its device and dtype (EDICT's
             x_T and y_T to float32 at least).
         num_steps (`int`, *optional*): if given, the result must have this many DDIM steps.

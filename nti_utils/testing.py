@@ -6,7 +6,8 @@ cross-attention at two resolutions and sizes chosen so nothing coincides with SD
 model's (16 tokens, 32-dim text, 32x32 images, 16x16 latents): the config
 :data:`~nti_utils.shapes.model.TINY_TEST`, built by the builders of :mod:`nti_utils.shapes.model`.
 :func:`tiny_sd2_pipeline` is the same shaped like SD 2.x-768 (v-prediction, linear projections,
-per-block head counts, upcast attention).
+per-block head counts, upcast attention); :func:`tiny_sdxl_pipeline` is a `StableDiffusionXLPipeline`
+(two text encoders, a pooled embedding and time ids through ``addition_embed_type="text_time"``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from nti_utils.models import SD_SCHEDULER_CONFIG, sd_ddim_scheduler
 from nti_utils.shapes.model import (
@@ -102,6 +104,100 @@ def _tiny(seed: int, cfg: ModelConfig, unet_builder) -> StableDiffusionPipeline:
         unet.conv_out.bias.mul_(0.1)
     vae.register_to_config(scaling_factor=4.0)
     pipe.register_to_config(_name_or_path="tiny-test")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SDXL_TEXT_2_HIDDEN = 48
+"""Width of :func:`tiny_sdxl_pipeline`'s second text encoder (the first is TINY_TEST's 32): token
+embeddings are 32 + 48 = 80 wide, as SDXL's are 768 + 1280."""
+SDXL_POOLED_DIM = 24
+"""`projection_dim` of the tiny second text encoder: the pooled embedding's size P (SDXL: 1280)."""
+SDXL_TIME_EMBED_DIM = 8
+"""The tiny UNet's ``addition_time_embed_dim`` (SDXL: 256)."""
+
+
+def _sdxl_text_encoder_2(cfg: ModelConfig, tokenizer) -> CLIPTextModelWithProjection:
+    """A `CLIPTextModelWithProjection` (its ``text_embeds`` is SDXL's pooled embedding) over
+    `tokenizer`'s vocabulary, wider than the first encoder."""
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=SDXL_TEXT_2_HIDDEN,
+        intermediate_size=2 * SDXL_TEXT_2_HIDDEN,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=cfg.max_tokens,
+        projection_dim=SDXL_POOLED_DIM,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config)
+
+
+def _sdxl_unet(cfg: ModelConfig) -> UNet2DConditionModel:
+    """:func:`~nti_utils.shapes.model.build_unet` with SDXL's UNet options: text+time added
+    conditioning, cross-attention over both encoders' widths, linear projections, per-block head
+    counts and transformer depths (SDXL: ``transformer_layers_per_block=[1, 2, 10]``)."""
+    return build_unet(
+        cfg,
+        cross_attention_dim=cfg.text_hidden + SDXL_TEXT_2_HIDDEN,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0) -> StableDiffusionXLPipeline:
+    """A tiny `StableDiffusionXLPipeline` with random weights (CPU, float32), built from configs.
+
+    TINY_TEST's sizes (16 tokens, 32x32 images, 16x16 latents) with SDXL's parts: the UNet of
+    :func:`_sdxl_unet` (``addition_embed_type="text_time"``), a `CLIPTextModel` (32 wide) and a
+    `CLIPTextModelWithProjection` (:data:`SDXL_TEXT_2_HIDDEN` wide, pooled size
+    :data:`SDXL_POOLED_DIM`) over the shapes-world tokenizer (one instance per encoder), the tiny
+    VAE with ``force_upcast=True`` (as SDXL's), SD's DDIM scheduler
+    (:func:`~nti_utils.models.sd_ddim_scheduler`) and ``force_zeros_for_empty_prompt=True`` (as
+    SDXL base). Tamed like :func:`tiny_pipeline`'s (UNet output layer scaled down, VAE scaling
+    factor 4), and the UNet's ``add_embedding`` output scaled by 0.3.
+
+    Args:
+        seed (`int`, defaults to 0): seeds the random weights.
+
+    Returns:
+        `StableDiffusionXLPipeline` named ``"tiny-test-sdxl"``, progress bar off.
+    """
+    cfg = TINY_TEST
+    torch.manual_seed(seed)
+    tokenizer, tokenizer_2 = build_tokenizer(cfg.max_tokens), build_tokenizer(cfg.max_tokens)
+    # keep this order: it fixes which random weights a seed gives
+    unet = _sdxl_unet(cfg)
+    vae = build_vae(cfg)
+    text_encoder = build_text_encoder(cfg, tokenizer)
+    text_encoder_2 = _sdxl_text_encoder_2(cfg, tokenizer_2)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(0.1)
+        unet.conv_out.bias.mul_(0.1)
+        # the random added-conditioning path (pooled embedding and time ids) shifts the time
+        # embedding as much as the timestep does; scaled down so that the pooled embedding, which
+        # null-text inversion keeps fixed, does not dominate the guidance term
+        unet.add_embedding.linear_2.weight.mul_(0.3)
+        unet.add_embedding.linear_2.bias.mul_(0.3)
+    vae.register_to_config(scaling_factor=4.0, force_upcast=True)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet.eval(),
+        scheduler=sd_ddim_scheduler(),
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.register_to_config(_name_or_path="tiny-test-sdxl")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

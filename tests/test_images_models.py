@@ -84,6 +84,21 @@ def test_loader_reads_a_saved_tiny_pipeline(tiny_pipe, tmp_path):
     assert models.model_fingerprint(half) == models.model_fingerprint(tiny_pipe)
 
 
+def test_loader_draws_no_loading_bars_and_restores_the_libraries_setting(
+    tiny_pipe, tmp_path, capfd
+):
+    import diffusers.utils.logging as dl
+    import transformers.utils.logging as tl
+
+    tiny_pipe.save_pretrained(tmp_path / "sd")
+    capfd.readouterr()
+    assert dl.is_progress_bar_enabled() and tl.is_progress_bar_enabled()
+    models.load_pipeline(tmp_path / "sd", device="cpu")
+    out, err = capfd.readouterr()
+    assert "Loading" not in out + err  # "Loading pipeline components...", "Loading weights"
+    assert dl.is_progress_bar_enabled() and tl.is_progress_bar_enabled()
+
+
 def test_loader_offline_error_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))

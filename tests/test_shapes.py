@@ -162,3 +162,16 @@ def test_corrupted_captions_keep_the_grammar_and_change_words_at_the_asked_rate(
         assert {obj1[1], obj2[1]} <= set(SHAPES)
         changed += sum(a != b for a, b in zip(caption.split(), noisy.split()))
     assert changed / (400 * 5) == pytest.approx(0.2, abs=0.03)  # 5 attribute words each
+
+
+def test_shape_words_can_have_their_own_noise_rate():
+    from nti_utils.shapes.data import corrupt_caption
+
+    caption = "a red circle and a blue square on a white background"
+    rng = np.random.default_rng(1)
+    changed = 0
+    for _ in range(400):
+        noisy = corrupt_caption(caption, 0.3, rng, p_shape=0.0).split()
+        assert (noisy[2], noisy[6]) == ("circle", "square")  # shapes always right
+        changed += sum(a != b for a, b in zip(caption.split(), noisy))
+    assert changed / (400 * 3) == pytest.approx(0.3, abs=0.04)  # the 3 color/background words

@@ -42,20 +42,27 @@ def vae_psnr(vae: AutoencoderKL, images: np.ndarray, batch: int = 50) -> float:
 _WORD_SETS = (tuple(OBJECT_COLORS), SHAPES, tuple(BACKGROUNDS))
 
 
-def corrupt_caption(caption: str, p_wrong: float, rng: np.random.Generator) -> str:
+def corrupt_caption(
+    caption: str, p_wrong: float, rng: np.random.Generator, p_shape: float | None = None
+) -> str:
     """Replace each attribute word (object color, shape, background) independently with
     probability `p_wrong` by another word of the same kind, as web captions are sometimes wrong.
+    Shape words use `p_shape` instead when it is given (e.g. 0: colors and backgrounds noisy,
+    shapes always right).
 
     The word count and positions are kept, so token positions (attention targets) stay valid. With
     such labels the conditional model follows a prompt only partly and classifier-free guidance
     sharpens it, as in Stable Diffusion.
     """
-    if p_wrong <= 0:
+    probs = {kind: p_wrong for kind in _WORD_SETS}
+    if p_shape is not None:
+        probs[SHAPES] = p_shape
+    if max(probs.values()) <= 0:
         return caption
     words = caption.split(" ")
     for i, word in enumerate(words):
-        for kind in _WORD_SETS:
-            if word in kind and rng.random() < p_wrong:
+        for kind, p in probs.items():
+            if word in kind and rng.random() < p:
                 words[i] = str(rng.choice([w for w in kind if w != word]))
     return " ".join(words)
 

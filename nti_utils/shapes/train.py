@@ -90,6 +90,7 @@ class TrainConfig:
     snr_gamma: float = 5.0
     p_uncond: float = 0.1
     p_wrong: float = 0.0
+    p_wrong_shape: float | None = None  # None: shape words use p_wrong too
     attn_weight: float = 0.0
     sample_every: int = 500
     ckpt_every: int = 100
@@ -296,7 +297,9 @@ class Trainer:
                 idx = self.rng.integers(0, len(self.latents), t.unet_batch)
                 drop = self.rng.random(t.unet_batch) < t.p_uncond
                 caps = [
-                    "" if d else corrupt_caption(self.captions[i], t.p_wrong, self.rng)
+                    ""
+                    if d
+                    else corrupt_caption(self.captions[i], t.p_wrong, self.rng, t.p_wrong_shape)
                     for i, d in zip(idx, drop)
                 ]
                 z0 = self.latents[idx]
@@ -430,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     for field in cli_fields:
         value = getattr(defaults, field)
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    shape_help = "probability of a wrong shape word (default: --p-wrong)"
+    p.add_argument("--p-wrong-shape", type=float, default=None, help=shape_help)
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -443,7 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tcfg = TrainConfig(**{k: getattr(args, k) for k in cli_fields})
+    tcfg = TrainConfig(
+        **{k: getattr(args, k) for k in cli_fields}, p_wrong_shape=args.p_wrong_shape
+    )
     mcfg = TINY_TRAINER if args.tiny else EMBEDDED
     trainer = Trainer(args.workdir, mcfg, tcfg, init_from=args.init_from)
     trainer.run()

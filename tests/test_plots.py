@@ -1,0 +1,30 @@
+"""Figures: what the reconstruction grid shows is the difference it claims to show."""
+
+import numpy as np
+import pytest
+
+from nti_utils.metrics import psnr
+from nti_utils.plots import reconstruction_grid
+
+
+def test_reconstruction_grid_shows_each_psnr_and_the_absolute_difference_on_one_scale():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    close = np.clip(ref.astype(int) + 4, 0, 255).astype(np.uint8)
+    far = np.clip(ref.astype(int) - 40, 0, 255).astype(np.uint8)
+    fig = reconstruction_grid(ref, {"close": close, "far": far})
+    axes = fig.axes
+    titles = [ax.get_title() for ax in axes[:6]]
+    assert titles[1] == f"close\n{psnr(ref, close):.1f} dB"
+    assert titles[2] == f"far\n{psnr(ref, far):.1f} dB"
+    maps = [ax.images[0] for ax in axes[4:6] if ax.images]  # bottom row, under the outputs
+    want = np.abs(ref.astype(float) - far.astype(float)).mean(-1)
+    np.testing.assert_allclose(maps[1].get_array(), want, atol=1e-9)
+    for m in maps:  # one color scale for every map
+        assert m.get_clim() == (0, pytest.approx(want.max()))
+
+
+def test_reconstruction_grid_rejects_an_output_of_another_size():
+    ref = np.zeros((16, 16, 3), dtype=np.uint8)
+    with pytest.raises(ValueError):
+        reconstruction_grid(ref, {"wrong": np.zeros((8, 8, 3), dtype=np.uint8)})
