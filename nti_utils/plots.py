@@ -118,6 +118,43 @@ def curves(
     return fig
 
 
+def labelled_scatter(
+    points: dict[str, tuple[float, float]],
+    xlabel: str,
+    ylabel: str,
+    title: str | None = None,
+    logx: bool = False,
+    hlines: dict[str, float] | None = None,
+    size: tuple[float, float] = (6.0, 3.6),
+) -> Figure:
+    """One labelled point per name, e.g. a method's cost (x) against its quality (y): a Pareto view.
+
+    Args:
+        points (`dict[str, tuple[float, float]]`): name -> (x, y).
+        logx (`bool`, defaults to `False`): logarithmic x axis (costs that differ by factors).
+        hlines (`dict[str, float]`, *optional*): labelled horizontal reference lines (a bound).
+    """
+    fig = Figure(figsize=size)
+    ax = fig.subplots()
+    for k, (name, (x, y)) in enumerate(points.items()):
+        ax.scatter([x], [y], s=30)
+        # labels alternate above and below their points, so that neighbours do not overlap
+        offset = (5, 5) if k % 2 == 0 else (5, -11)
+        ax.annotate(name, (x, y), xytext=offset, textcoords="offset points", fontsize=8)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="gray", linewidth=1)
+        ax.annotate(name, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def word_attention_maps(
     maps: torch.Tensor,
     tokenizer: PreTrainedTokenizerBase,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from nti_utils.metrics import psnr
-from nti_utils.plots import reconstruction_grid
+from nti_utils.plots import labelled_scatter, reconstruction_grid
 
 
 def test_reconstruction_grid_shows_each_psnr_and_the_absolute_difference_on_one_scale():
@@ -28,3 +28,11 @@ def test_reconstruction_grid_rejects_an_output_of_another_size():
     ref = np.zeros((16, 16, 3), dtype=np.uint8)
     with pytest.raises(ValueError):
         reconstruction_grid(ref, {"wrong": np.zeros((8, 8, 3), dtype=np.uint8)})
+
+
+def test_labelled_scatter_puts_each_name_at_its_point():
+    fig = labelled_scatter({"a": (10, 30.0), "b": (100, 20.0)}, "UNet rows", "PSNR", logx=True)
+    ax = fig.axes[0]
+    labels = {t.get_text(): t.xy for t in ax.texts}
+    assert labels == {"a": (10, 30.0), "b": (100, 20.0)}
+    assert ax.get_xscale() == "log"

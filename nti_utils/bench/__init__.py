@@ -14,6 +14,10 @@ method and ablation is measured for reconstruction, cost and editability, in one
 Prints a table and writes ``summary.csv``, ``per_scene.csv``, ``results.json``, ``table.txt`` and
 ``bench.png`` to ``--out`` (default ``results/bench``). ``--quick`` is a smoke run for tests
 (:data:`~nti_utils.bench.config.QUICK`).
+
+:mod:`~nti_utils.bench.memory` is a separate measurement, ``python -m nti_utils.bench.memory``: the
+peak memory of a Prompt-to-Prompt edit at SD's 512 px on an SD-shaped UNet of random weights,
+against plain sampling and against materializing every attention probability.
 """
 
 from nti_utils.bench.cli import main
