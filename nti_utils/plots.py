@@ -136,16 +136,18 @@ def labelled_scatter(
     """
     fig = Figure(figsize=size)
     ax = fig.subplots()
-    for k, (name, (x, y)) in enumerate(points.items()):
+    # labels at three heights in turn, from left to right, so that neighbours along x do not overlap
+    by_x = sorted(points, key=lambda name: points[name][0])
+    for name, (x, y) in points.items():
         ax.scatter([x], [y], s=30)
-        # labels alternate above and below their points, so that neighbours do not overlap
-        offset = (5, 5) if k % 2 == 0 else (5, -11)
+        offset = ((5, 5), (5, -11), (5, 16))[by_x.index(name) % 3]
         ax.annotate(name, (x, y), xytext=offset, textcoords="offset points", fontsize=8)
     for name, y in (hlines or {}).items():
         ax.axhline(y, linestyle="--", color="gray", linewidth=1)
         ax.annotate(name, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
     if logx:
         ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.25)  # room for the labels inside the axes
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
