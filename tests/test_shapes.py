@@ -175,3 +175,16 @@ def test_shape_words_can_have_their_own_noise_rate():
         assert (noisy[2], noisy[6]) == ("circle", "square")  # shapes always right
         changed += sum(a != b for a, b in zip(caption.split(), noisy))
     assert changed / (400 * 3) == pytest.approx(0.3, abs=0.04)  # the 3 color/background words
+
+
+def test_background_words_can_have_their_own_noise_rate_too():
+    from nti_utils.shapes.data import corrupt_caption
+
+    caption = "a red circle and a blue square on a white background"
+    rng = np.random.default_rng(2)
+    changed = 0
+    for _ in range(400):
+        noisy = corrupt_caption(caption, 0.3, rng, p_shape=0.0, p_background=0.0).split()
+        assert (noisy[2], noisy[6], noisy[9]) == ("circle", "square", "white")
+        changed += sum(a != b for a, b in zip(caption.split(), noisy))
+    assert changed / (400 * 2) == pytest.approx(0.3, abs=0.05)  # the 2 color words

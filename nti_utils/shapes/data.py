@@ -43,12 +43,16 @@ _WORD_SETS = (tuple(OBJECT_COLORS), SHAPES, tuple(BACKGROUNDS))
 
 
 def corrupt_caption(
-    caption: str, p_wrong: float, rng: np.random.Generator, p_shape: float | None = None
+    caption: str,
+    p_wrong: float,
+    rng: np.random.Generator,
+    p_shape: float | None = None,
+    p_background: float | None = None,
 ) -> str:
     """Replace each attribute word (object color, shape, background) independently with
     probability `p_wrong` by another word of the same kind, as web captions are sometimes wrong.
-    Shape words use `p_shape` instead when it is given (e.g. 0: colors and backgrounds noisy,
-    shapes always right).
+    Shape and background words use `p_shape` and `p_background` instead when they are given (e.g.
+    both 0: only object colors are ever wrong).
 
     The word count and positions are kept, so token positions (attention targets) stay valid. With
     such labels the conditional model follows a prompt only partly and classifier-free guidance
@@ -57,6 +61,8 @@ def corrupt_caption(
     probs = {kind: p_wrong for kind in _WORD_SETS}
     if p_shape is not None:
         probs[SHAPES] = p_shape
+    if p_background is not None:
+        probs[tuple(BACKGROUNDS)] = p_background
     if max(probs.values()) <= 0:
         return caption
     words = caption.split(" ")

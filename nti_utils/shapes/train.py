@@ -91,6 +91,7 @@ class TrainConfig:
     p_uncond: float = 0.1
     p_wrong: float = 0.0
     p_wrong_shape: float | None = None  # None: shape words use p_wrong too
+    p_wrong_background: float | None = None  # None: background words use p_wrong too
     attn_weight: float = 0.0
     sample_every: int = 500
     ckpt_every: int = 100
@@ -299,7 +300,9 @@ class Trainer:
                 caps = [
                     ""
                     if d
-                    else corrupt_caption(self.captions[i], t.p_wrong, self.rng, t.p_wrong_shape)
+                    else corrupt_caption(
+                        self.captions[i], t.p_wrong, self.rng, t.p_wrong_shape, t.p_wrong_background
+                    )
                     for i, d in zip(idx, drop)
                 ]
                 z0 = self.latents[idx]
@@ -435,6 +438,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     shape_help = "probability of a wrong shape word (default: --p-wrong)"
     p.add_argument("--p-wrong-shape", type=float, default=None, help=shape_help)
+    bg_help = "probability of a wrong background word (default: --p-wrong)"
+    p.add_argument("--p-wrong-background", type=float, default=None, help=bg_help)
     p.add_argument(
         "--tiny",
         action="store_true",
@@ -449,7 +454,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     tcfg = TrainConfig(
-        **{k: getattr(args, k) for k in cli_fields}, p_wrong_shape=args.p_wrong_shape
+        **{k: getattr(args, k) for k in cli_fields},
+        p_wrong_shape=args.p_wrong_shape,
+        p_wrong_background=args.p_wrong_background,
     )
     mcfg = TINY_TRAINER if args.tiny else EMBEDDED
     trainer = Trainer(args.workdir, mcfg, tcfg, init_from=args.init_from)
