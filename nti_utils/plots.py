@@ -80,6 +80,20 @@ def reconstruction_grid(
     return fig
 
 
+def _reference_lines(ax, hlines: dict[str, float] | None) -> None:
+    """Dashed gray horizontal lines, each labelled at the left edge (a bound, a baseline)."""
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="gray", linewidth=1)
+        ax.annotate(
+            name,
+            (0.01, y),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            va="bottom",
+            color="gray",
+        )
+
+
 def curves(
     series: dict[str, Sequence[float]],
     xlabel: str,
@@ -96,16 +110,7 @@ def curves(
     for name, ys in series.items():
         xs = x if x is not None else range(len(ys))
         ax.plot(list(xs), list(ys), marker="o", markersize=3, label=name)
-    for name, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", color="gray", linewidth=1)
-        ax.annotate(
-            name,
-            (0.01, y),
-            xycoords=("axes fraction", "data"),
-            fontsize=8,
-            va="bottom",
-            color="gray",
-        )
+    _reference_lines(ax, hlines)
     if logy:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -142,9 +147,7 @@ def labelled_scatter(
         ax.scatter([x], [y], s=30)
         offset = ((5, 5), (5, -11), (5, 16))[by_x.index(name) % 3]
         ax.annotate(name, (x, y), xytext=offset, textcoords="offset points", fontsize=8)
-    for name, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", color="gray", linewidth=1)
-        ax.annotate(name, (0.01, y), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
+    _reference_lines(ax, hlines)
     if logx:
         ax.set_xscale("log")
     ax.margins(x=0.12, y=0.25)  # room for the labels inside the axes
