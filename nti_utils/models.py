@@ -30,6 +30,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 
 from nti_utils.conditioning import NUM_TIME_IDS, added_cond_layout, extra_rows, pack
 from nti_utils.ddim import check_prediction_type
+from nti_utils.images import model_resolution
 
 Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
 """The pipelines the library runs: SD 1.x/2.x (and the embedded model) or SDXL."""
@@ -507,28 +508,20 @@ def _token_ids(tok, prompts: list[str]) -> list[list[int]]:
     return ids
 
 
-def image_size(pipe: Pipeline) -> tuple[int, int]:
-    """(height, width) in pixels of the images the pipeline makes by default: the UNet's sample
-    size times the VAE's downsampling factor, ``2 ** (len(vae.config.block_out_channels) - 1)``."""
-    size = pipe.unet.config.sample_size
-    h, w = (size, size) if isinstance(size, int) else tuple(size)
-    f = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return int(h) * f, int(w) * f
-
-
 def time_ids(pipe: Pipeline, size: tuple[int, int] | None = None) -> torch.Tensor:
     """SDXL's time ids for an image of `size` pixels, as `StableDiffusionXLPipeline` makes them by
     default: ``(original_size, crops_coords_top_left=(0, 0), target_size)`` with both sizes the
     image's.
 
     Args:
-        pipe (:data:`Pipeline`): the pipeline (its default :func:`image_size` when `size` is None).
+        pipe (:data:`Pipeline`): the pipeline (its images' side,
+            :func:`~nti_utils.images.model_resolution`, when `size` is None).
         size (`tuple[int, int]`, *optional*): (height, width) in pixels.
 
     Returns:
         `torch.Tensor`: (1, NUM_TIME_IDS) float32.
     """
-    h, w = image_size(pipe) if size is None else size
+    h, w = (model_resolution(pipe),) * 2 if size is None else size
     return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32)
 
 

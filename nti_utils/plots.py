@@ -46,6 +46,7 @@ def reconstruction_grid(
     size: float = 2.0,
     vmax: float | None = None,
     reference_title: str = "input",
+    region: np.ndarray | None = None,
 ) -> Figure:
     """The reference image and each output with its PSNR (top row), and under each output the
     difference map |reference - output| (mean over RGB, in 0-255 gray levels; bottom row), so that a
@@ -56,11 +57,18 @@ def reconstruction_grid(
         outputs (`dict[str, image]`): title -> image of the same size.
         vmax (`float`, *optional*): top of the difference maps' color scale, the same for every
             map so that they compare; defaults to the largest difference shown.
+        region (`np.ndarray`, *optional*): bool (H, W), e.g. an edit's region
+            (:func:`~nti_utils.shapes.world.edit_region`): its outline is drawn on every difference
+            map and the PSNRs are computed *outside* it (what an edit should have kept).
 
     Returns:
         `Figure` with 2 rows and 1 + len(outputs) columns (the reference's second cell is empty).
     """
     ref = to_float_array(reference)
+    if region is not None:
+        region = np.asarray(region, dtype=bool)
+        if region.shape != ref.shape[:2]:
+            raise ValueError(f"region is {region.shape}, the images are {ref.shape[:2]}")
     diffs = {k: np.abs(ref - to_float_array(v)).mean(-1) * 255 for k, v in outputs.items()}
     top = vmax if vmax is not None else max(float(d.max()) for d in diffs.values()) or 1.0
     n = 1 + len(outputs)
@@ -72,8 +80,14 @@ def reconstruction_grid(
     axes[0, 0].set_title(reference_title, fontsize=8)
     for j, (name, image) in enumerate(outputs.items(), start=1):
         axes[0, j].imshow(np.asarray(image), interpolation="nearest")
-        axes[0, j].set_title(f"{name}\n{psnr(reference, image):.1f} dB", fontsize=8)
+        if region is None:
+            axes[0, j].set_title(f"{name}\n{psnr(reference, image):.1f} dB", fontsize=8)
+        else:
+            outside = psnr(reference, image, mask=~region)
+            axes[0, j].set_title(f"{name}\n{outside:.1f} dB outside the region", fontsize=8)
         im = axes[1, j].imshow(diffs[name], cmap="magma", vmin=0, vmax=top, interpolation="nearest")
+        if region is not None and region.any():
+            axes[1, j].contour(region, levels=[0.5], colors="cyan", linewidths=0.8)
         axes[1, j].set_title(f"|{reference_title} - output|", fontsize=8)
         fig.colorbar(im, ax=axes[1, j], fraction=0.046, pad=0.04)
     fig.tight_layout()

@@ -10,7 +10,8 @@ from nti_utils.global_null import global_null_text_inversion
 from nti_utils.images import image_to_latents
 from nti_utils.inversion import ddim_inversion, null_text_inversion, reconstruct
 from nti_utils.pivots import random_trajectory
-from nti_utils.result import InversionSettings, load_inversion, save_inversion
+from nti_utils.result import InversionSettings
+from nti_utils.storage import load_inversion, save_inversion
 
 PROMPT = "a red circle on a white background"
 SETTINGS = InversionSettings(num_steps=8, inner_steps=4)

@@ -24,7 +24,8 @@ from nti_utils.editing import build_controller, edit
 from nti_utils.fixed_point import FixedPointSettings, fixed_point_inversion, fixed_point_step
 from nti_utils.images import image_to_latents
 from nti_utils.inversion import ddim_inversion, reconstruct
-from nti_utils.result import InversionSettings, load_inversion, save_inversion
+from nti_utils.result import InversionSettings
+from nti_utils.storage import load_inversion, save_inversion
 from nti_utils.testing import tiny_pipeline, tiny_sd2_pipeline
 
 PROMPT = "a red circle on a white background"

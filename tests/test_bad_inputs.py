@@ -22,8 +22,9 @@ from nti_utils import metrics, models, pivots
 from nti_utils.align import check_prompt, word_token_indices
 from nti_utils.images import decode, encode, load_image
 from nti_utils.inversion import batched_null_text_inversion, ddim_inversion, null_text_inversion
-from nti_utils.result import InversionResult, InversionSettings, load_inversion, save_inversion
+from nti_utils.result import InversionResult, InversionSettings
 from nti_utils.shapes.tokenizer import build_tokenizer
+from nti_utils.storage import load_inversion, save_inversion
 from nti_utils.testing import tiny_pipeline
 
 PROMPT = "a red circle on a white background"

@@ -22,8 +22,9 @@ from nti_utils.batch.runner import STOP_AFTER_ENV, config_hash
 from nti_utils.images import latents_to_pil, load_image
 from nti_utils.inversion import null_text_inversion, reconstruct
 from nti_utils.metrics import psnr, ssim
-from nti_utils.result import InversionSettings, load_inversion
+from nti_utils.result import InversionSettings
 from nti_utils.shapes.world import Scene, Shape
+from nti_utils.storage import load_inversion
 from nti_utils.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -214,7 +214,8 @@ def test_inversion_without_a_prompt_uses_the_caption_and_records_it(toy, tmp_pat
     from nti_utils.editing import build_controller, edit
     from nti_utils.inversion import ddim_inversion, null_text_inversion
     from nti_utils.models import load_pipeline
-    from nti_utils.result import InversionSettings, load_inversion, save_inversion
+    from nti_utils.result import InversionSettings
+    from nti_utils.storage import load_inversion, save_inversion
 
     pipe = load_pipeline("toy", device="cpu")
     scene = SCENE

@@ -13,7 +13,8 @@ from nti_utils.inversion import (
     null_text_inversion,
     reconstruct,
 )
-from nti_utils.result import InversionSettings, load_inversion, save_inversion
+from nti_utils.result import InversionSettings
+from nti_utils.storage import load_inversion, save_inversion
 from nti_utils.testing import tiny_pipeline
 
 PROMPT = "a red circle on a white background"

@@ -24,6 +24,22 @@ def test_reconstruction_grid_shows_each_psnr_and_the_absolute_difference_on_one_
         assert m.get_clim() == (0, pytest.approx(want.max()))
 
 
+def test_reconstruction_grid_with_a_region_quotes_the_psnr_outside_it_and_outlines_it():
+    ref = np.zeros((16, 16, 3), dtype=np.uint8)
+    edited = ref.copy()
+    edited[4:8, 4:8] = 255  # the edit, inside the region
+    edited[12, 12] = 40  # damage outside it
+    region = np.zeros((16, 16), dtype=bool)
+    region[3:9, 3:9] = True
+    fig = reconstruction_grid(ref, {"edit": edited}, region=region)
+    want = psnr(ref, edited, mask=~region)
+    assert want < 60 and want != psnr(ref, edited)
+    assert fig.axes[1].get_title() == f"edit\n{want:.1f} dB outside the region"
+    assert fig.axes[3].collections, "the region's outline is drawn on the difference map"
+    with pytest.raises(ValueError, match="region"):
+        reconstruction_grid(ref, {"edit": edited}, region=region[:8])
+
+
 def test_reconstruction_grid_rejects_an_output_of_another_size():
     ref = np.zeros((16, 16, 3), dtype=np.uint8)
     with pytest.raises(ValueError):

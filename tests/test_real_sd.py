@@ -32,15 +32,18 @@ PROMPTS = [PROMPT, "a blue square on a black background"]
 
 
 @pytest.fixture(scope="module")
-def sd2_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sd2")
-    tiny_sd2_pipeline().save_pretrained(folder)
-    return folder
+def sd2_saved(saved_and_loaded):
+    return saved_and_loaded("tiny-sd2", tiny_sd2_pipeline)
 
 
 @pytest.fixture(scope="module")
-def sd2(sd2_folder):
-    return load_pipeline(sd2_folder, device="cpu", dtype=torch.float32)
+def sd2_folder(sd2_saved):
+    return sd2_saved[0]
+
+
+@pytest.fixture(scope="module")
+def sd2(sd2_saved):
+    return sd2_saved[1]
 
 
 @pytest.fixture(scope="module")

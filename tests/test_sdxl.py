@@ -28,8 +28,9 @@ from nti_utils.models import (
     null_embedding,
 )
 from nti_utils.p2p import Replace
-from nti_utils.result import InversionSettings, check_compatible, load_inversion, save_inversion
+from nti_utils.result import InversionSettings, check_compatible
 from nti_utils.sampling import generate
+from nti_utils.storage import load_inversion, save_inversion
 from nti_utils.testing import SDXL_POOLED_DIM, tiny_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a red circle on a white background"
@@ -39,15 +40,18 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module")
-def sdxl_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-sdxl")
-    tiny_sdxl_pipeline().save_pretrained(folder)
-    return folder
+def sdxl_saved(saved_and_loaded):
+    return saved_and_loaded("tiny-sdxl", tiny_sdxl_pipeline)
 
 
 @pytest.fixture(scope="module")
-def sdxl(sdxl_folder):
-    return load_pipeline(sdxl_folder, device="cpu", dtype=torch.float32)
+def sdxl_folder(sdxl_saved):
+    return sdxl_saved[0]
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_saved):
+    return sdxl_saved[1]
 
 
 @pytest.fixture(scope="module")

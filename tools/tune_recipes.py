@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from nti_utils.inversion import null_text_inversion
 from nti_utils.models import load_pipeline
-from nti_utils.result import InversionSettings, load_inversion, save_inversion
+from nti_utils.result import InversionSettings
 from nti_utils.shapes.edits import RECIPES, EditRecipe, edit_case, edit_rates, make_edit
 from nti_utils.shapes.seeds import TUNING
 from nti_utils.shapes.world import scene_from_seed
+from nti_utils.storage import load_inversion, save_inversion
 
 GRIDS = {
     "shape": {

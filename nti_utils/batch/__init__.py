@@ -25,7 +25,7 @@ per prompt, source first) adds a :class:`~nti_utils.local_blend.LocalBlend`, `re
 :class:`~nti_utils.p2p.Reweight` on top of the edit (:func:`~nti_utils.editing.build_controller`).
 
 Output, per item, in ``<out>/items/<id>/``: ``inversion.safetensors``
-(:func:`~nti_utils.result.save_inversion`), ``source.png`` (the reconstruction), ``edit_<k>.png``
+(:func:`~nti_utils.storage.save_inversion`), ``source.png`` (the reconstruction), ``edit_<k>.png``
 per target, ``metrics.json`` (PSNR/SSIM of the reconstruction against the input at the model's
 resolution, inner steps, seconds). Plus ``errors.jsonl`` (id, line, stage, reason of every bad item)
 and ``summary.csv`` (one row per done item).

@@ -35,7 +35,8 @@ from nti_utils.images import load_image, model_resolution
 from nti_utils.inversion import null_text_inversion
 from nti_utils.metrics import psnr, ssim
 from nti_utils.models import load_pipeline, model_fingerprint, scheduler_hash
-from nti_utils.result import InversionSettings, save_inversion
+from nti_utils.result import InversionSettings
+from nti_utils.storage import save_inversion
 
 STOP_AFTER_ENV = "NTI_BATCH_STOP_AFTER"
 """The testing hook's environment variable (see the module docstring)."""
