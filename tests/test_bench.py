@@ -22,6 +22,7 @@ METHODS = [
     bench.REFERENCE,
     bench.LIBRARY,
     bench.OURS,
+    bench.OURS_ONE,
     *AFTER_NTI,
 ]
 NTI = [bench.REFERENCE, bench.LIBRARY, bench.OURS]
@@ -51,7 +52,9 @@ def test_outputs_are_written(quick):
     assert any(n.startswith("ablation: ") for n in names)
     saved = json.loads((out / "results.json").read_text())
     assert saved["config"]["scenes"] == 3 and saved["context"]["resolution"] == 32
-    assert {"psnr_reference", "psnr_ours", "wall_ratio", "met"} <= set(saved["target"])
+    assert set(saved["targets"]) == {"ours, one image", "ours, batched", "Direct Inversion"}
+    for t in saved["targets"].values():
+        assert {"psnr", "edit_success", "wall_ratio", "wall_ratio_max", "met"} <= set(t)
 
 
 def test_table_has_every_method_and_column(quick, capsys):
@@ -82,6 +85,9 @@ def test_numbers_are_finite_and_ordered(quick):
     assert by[bench.OURS]["psnr"] == pytest.approx(by[bench.REFERENCE]["psnr"], abs=0.05)
     assert by[bench.OURS]["unet_forward"] < by[bench.REFERENCE]["unet_forward"]
     assert by[bench.OURS]["unet_backward"] < by[bench.REFERENCE]["unet_backward"]
+    # one image per call makes the batched path's updates: the same rows and reconstruction
+    assert by[bench.OURS_ONE]["unet_backward"] == by[bench.OURS]["unet_backward"]
+    assert by[bench.OURS_ONE]["psnr"] == pytest.approx(by[bench.OURS]["psnr"], abs=1e-3)
     # with the paper's schedule, ours is the reference's arithmetic (on the ablation scene, alone in
     # its batch): the same updates and the same reconstruction
     paper_rows = [
@@ -175,3 +181,50 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
     assert len(again) == len(full["per_scene"]) - len(kept) > 0
     assert resumed["context"]["resumed_from"] == [saved["context"]["date"]]
     assert "Resumed run" in (tmp_path / "run" / "table.txt").read_text()
+
+
+def _row(name, psnr=30.0, wall=10.0, rec=1.0, edit=0.6, gap=0.05):
+    return {
+        "method": name,
+        "psnr": psnr,
+        "wall_s": wall,
+        "rec_wall_s": rec,
+        "cpu_s": 2 * wall,
+        "edit_success": edit,
+        "gap_to_vae": gap,
+    }
+
+
+def test_targets_compare_the_rows_as_the_issue_states_them():
+    from nti_utils.bench.methods import DIRECT
+    from nti_utils.bench.run import targets
+
+    ref = _row(bench.REFERENCE, wall=30.0)
+    good = [
+        ref,
+        _row(bench.OURS_ONE, psnr=29.95, wall=9.9, edit=0.56),  # 0.05 dB, 0.04 success short
+        _row(bench.OURS, psnr=30.1, wall=3.7),  # 3.7 / 30 < 1/8
+        _row(bench.DDIM_W, wall=1.0, rec=2.0),
+        _row(DIRECT, wall=4.0, rec=2.5, edit=0.6, gap=0.08),  # 6.5 / 3.0 <= 2.2
+    ]
+    t = targets(good)
+    assert all(v["met"] for v in t.values()), t
+    assert t["ours, one image"]["wall_ratio"] == pytest.approx(0.33)
+    assert t["Direct Inversion"]["wall_ratio"] == pytest.approx(6.5 / 3.0)
+    slow_one = _row(bench.OURS_ONE, wall=10.5)  # just over a third
+    lost_edits = _row(bench.OURS, wall=3.0, edit=0.5)  # 0.1 below the reference's success
+    blurry = _row(bench.OURS, wall=3.0, psnr=29.8)  # 0.2 dB short
+    slow_direct = _row(DIRECT, wall=5.0, rec=2.0)  # 7 / 3 > 2.2
+    far_direct = _row(DIRECT, wall=1.0, gap=0.3)
+    no_edits = _row(DIRECT, wall=1.0, edit=float("nan"))
+    for bad, label in (
+        (slow_one, "ours, one image"),
+        (lost_edits, "ours, batched"),
+        (blurry, "ours, batched"),
+        (slow_direct, "Direct Inversion"),
+        (far_direct, "Direct Inversion"),
+        (no_edits, "Direct Inversion"),
+    ):
+        rows = [r for r in good if r["method"] != bad["method"]] + [bad]
+        assert not targets(rows)[label]["met"], (label, bad)
+    assert targets([ref]) == {}  # rows missing: nothing to judge

@@ -12,6 +12,8 @@ from nti_utils.shapes.seeds import BENCHMARK_OFFSET, HELD_OUT_SEED
 from nti_utils.shapes.world import Scene, scene_from_seed
 
 REFERENCE, LIBRARY, OURS = "NTI reference loop", "NTI library (Alg. 1)", "NTI ours (fast)"
+OURS_ONE = "NTI ours, one image"
+"""Ours' schedule on one image per call (no batching): the single-image path's speed."""
 DDIM_W1, DDIM_W = "DDIM inversion, w=1", "DDIM inversion, w=7.5"
 ABLATION_BASELINE = "ablation baseline: NTI library"
 """Summary row: the library's null-text inversion on the ablation scenes only, so that the ablations

@@ -29,7 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from nti_utils.bench.config import DDIM_W, DDIM_W1, LIBRARY, OURS, REFERENCE, BenchConfig
+from nti_utils.bench.config import (
+    DDIM_W,
+    DDIM_W1,
+    LIBRARY,
+    OURS,
+    OURS_ONE,
+    REFERENCE,
+    BenchConfig,
+)
 from nti_utils.bench.reference import reference_null_text_inversion
 from nti_utils.caption import TOY_CAPTIONER_DIR, load_captioner, source_prompt
 from nti_utils.ddpm_inversion import ddpm_inversion
@@ -205,6 +213,7 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
         Method(REFERENCE, _reference(s)),
         Method(LIBRARY, _one(null_text_inversion, s)),
         Method(OURS, _batched(ours), batched=True),
+        Method(OURS_ONE, _one(null_text_inversion, ours)),
         Method(DIRECT, _one(direct_inversion, s)),
         Method(EDICT, _one(edict_inversion, s)),
         Method(DDPM, _seeded(ddpm_inversion, s)),
