@@ -46,7 +46,7 @@ def reconstruction_grid(
     size: float = 2.0,
     vmax: float | None = None,
     reference_title: str = "input",
-    region: np.ndarray | None = None,
+    region: np.ndarray | dict[str, np.ndarray] | None = None,
 ) -> Figure:
     """The reference image and each output with its PSNR (top row), and under each output the
     difference map |reference - output| (mean over RGB, in 0-255 gray levels; bottom row), so that a
@@ -57,18 +57,23 @@ def reconstruction_grid(
         outputs (`dict[str, image]`): title -> image of the same size.
         vmax (`float`, *optional*): top of the difference maps' color scale, the same for every
             map so that they compare; defaults to the largest difference shown.
-        region (`np.ndarray`, *optional*): bool (H, W), e.g. an edit's region
-            (:func:`~nti_utils.shapes.world.edit_region`): its outline is drawn on every difference
-            map and the PSNRs are computed *outside* it (what an edit should have kept).
+        region (`np.ndarray` or `dict[str, np.ndarray]`, *optional*): bool (H, W), e.g. an edit's
+            region (:func:`~nti_utils.shapes.world.edit_region`), or one per output (title ->
+            mask): its outline is drawn on the difference map and the PSNR is computed *outside*
+            it (what an edit should have kept).
 
     Returns:
         `Figure` with 2 rows and 1 + len(outputs) columns (the reference's second cell is empty).
     """
     ref = to_float_array(reference)
-    if region is not None:
-        region = np.asarray(region, dtype=bool)
-        if region.shape != ref.shape[:2]:
-            raise ValueError(f"region is {region.shape}, the images are {ref.shape[:2]}")
+    regions = dict(region) if isinstance(region, dict) else dict.fromkeys(outputs, region)
+    if region is not None and set(regions) != set(outputs):
+        raise ValueError(f"region names {sorted(regions)} are not the outputs' {sorted(outputs)}")
+    for name, mask in regions.items():
+        if mask is not None:
+            regions[name] = mask = np.asarray(mask, dtype=bool)
+            if mask.shape != ref.shape[:2]:
+                raise ValueError(f"region is {mask.shape}, the images are {ref.shape[:2]}")
     diffs = {k: np.abs(ref - to_float_array(v)).mean(-1) * 255 for k, v in outputs.items()}
     top = vmax if vmax is not None else max(float(d.max()) for d in diffs.values()) or 1.0
     n = 1 + len(outputs)
@@ -80,14 +85,15 @@ def reconstruction_grid(
     axes[0, 0].set_title(reference_title, fontsize=8)
     for j, (name, image) in enumerate(outputs.items(), start=1):
         axes[0, j].imshow(np.asarray(image), interpolation="nearest")
-        if region is None:
+        mask = regions[name]
+        if mask is None:
             axes[0, j].set_title(f"{name}\n{psnr(reference, image):.1f} dB", fontsize=8)
         else:
-            outside = psnr(reference, image, mask=~region)
+            outside = psnr(reference, image, mask=~mask)
             axes[0, j].set_title(f"{name}\n{outside:.1f} dB outside the region", fontsize=8)
         im = axes[1, j].imshow(diffs[name], cmap="magma", vmin=0, vmax=top, interpolation="nearest")
-        if region is not None and region.any():
-            axes[1, j].contour(region, levels=[0.5], colors="cyan", linewidths=0.8)
+        if mask is not None and mask.any():
+            axes[1, j].contour(mask, levels=[0.5], colors="cyan", linewidths=0.8)
         axes[1, j].set_title(f"|{reference_title} - output|", fontsize=8)
         fig.colorbar(im, ax=axes[1, j], fraction=0.046, pad=0.04)
     fig.tight_layout()

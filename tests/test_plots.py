@@ -38,6 +38,15 @@ def test_reconstruction_grid_with_a_region_quotes_the_psnr_outside_it_and_outlin
     assert fig.axes[3].collections, "the region's outline is drawn on the difference map"
     with pytest.raises(ValueError, match="region"):
         reconstruction_grid(ref, {"edit": edited}, region=region[:8])
+    # one region per output: each title quotes its own
+    other = np.zeros_like(region)
+    fig = reconstruction_grid(ref, {"a": edited, "b": edited}, region={"a": region, "b": other})
+    assert fig.axes[1].get_title() == f"a\n{want:.1f} dB outside the region"
+    assert (
+        fig.axes[2].get_title() == f"b\n{psnr(ref, edited, mask=~other):.1f} dB outside the region"
+    )
+    with pytest.raises(ValueError, match="region names"):
+        reconstruction_grid(ref, {"a": edited, "b": edited}, region={"a": region})
 
 
 def test_reconstruction_grid_rejects_an_output_of_another_size():

@@ -341,12 +341,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path)
     p.add_argument("--steps", type=int, default=CaptionerConfig.steps)
     p.add_argument("--batch", type=int, default=CaptionerConfig.batch)
+    p.add_argument("--lr", type=float, default=CaptionerConfig.lr, help="peak AdamW learning rate")
     p.add_argument("--ckpt-every", type=int, default=250)
     p.add_argument(
         "--check-n", type=int, default=300, help="held-out scenes per check set (0: none)"
     )
     a = p.parse_args(argv)
-    train(a.workdir, a.out, CaptionerConfig(steps=a.steps, batch=a.batch), a.ckpt_every, a.check_n)
+    train(
+        a.workdir,
+        a.out,
+        CaptionerConfig(steps=a.steps, batch=a.batch, lr=a.lr),
+        a.ckpt_every,
+        a.check_n,
+    )
 
 
 if __name__ == "__main__":
