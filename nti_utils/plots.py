@@ -59,8 +59,8 @@ def reconstruction_grid(
             map so that they compare; defaults to the largest difference shown.
         region (`np.ndarray` or `dict[str, np.ndarray]`, *optional*): bool (H, W), e.g. an edit's
             region (:func:`~nti_utils.shapes.world.edit_region`), or one per output (title ->
-            mask): its outline is drawn on the difference map and the PSNR is computed *outside*
-            it (what an edit should have kept).
+            mask, or None for the whole image): its outline is drawn on the difference map and
+            the PSNR is computed *outside* it (what an edit should have kept).
 
     Returns:
         `Figure` with 2 rows and 1 + len(outputs) columns (the reference's second cell is empty).
