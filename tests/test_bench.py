@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nti_utils import bench
+from nti_utils.bench import report
 from nti_utils.bench.measure import measure
 from nti_utils.bench.methods import AFTER_NTI
 from nti_utils.bench.report import COLUMNS
@@ -228,3 +229,34 @@ def test_targets_compare_the_rows_as_the_issue_states_them():
         rows = [r for r in good if r["method"] != bad["method"]] + [bad]
         assert not targets(rows)[label]["met"], (label, bad)
     assert targets([ref]) == {}  # rows missing: nothing to judge
+
+
+def test_edits_by_kind_splits_success_and_outside_psnr_per_kind():
+    def row(method, kind, ok, outside):
+        return {
+            "method": method,
+            "edit_kind": kind,
+            "edit_success": ok,
+            "edit_psnr_background": outside,
+        }
+
+    per_scene = [
+        row("a", "shape", 1.0, 30.0),
+        row("a", "shape", 0.0, 20.0),
+        row("a", "color", 1.0, 40.0),
+        row("b", "shape", 0.0, 24.0),
+        {"method": "sweep", "edit_kind": "shape"},  # no edits (the inner-step sweep)
+    ]
+    rows = report.edits_by_kind(per_scene, ["b", "a", "sweep"])
+    assert [r["method"] for r in rows] == ["b", "a"]
+    assert rows[1]["shape"] == {"n": 2, "success": 0.5, "psnr_outside": 25.0, "ge_25": 0.5}
+    assert rows[1]["color"] == {"n": 1, "success": 1.0, "psnr_outside": 40.0, "ge_25": 1.0}
+    assert "color" not in rows[0] and rows[0]["shape"]["ge_25"] == 0.0
+
+
+def test_table_lists_edits_by_kind(quick):
+    _, out = quick
+    table = (out / "table.txt").read_text()
+    assert "edits by kind" in table
+    for kind in ("shape", "color", "background"):
+        assert f"{kind} (n, ok" in table

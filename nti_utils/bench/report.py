@@ -86,6 +86,62 @@ def summarize(rows: list[dict], order: list[str]) -> list[dict]:
     return out
 
 
+def edits_by_kind(per_scene: list[dict], order: list[str]) -> list[dict]:
+    """Edit success and PSNR outside the edit region per method and edit kind.
+
+    Args:
+        per_scene (`list[dict]`): the benchmark's per-scene rows (``results["per_scene"]``).
+        order (`list[str]`): the methods, in the table's order; methods without edits are left out.
+
+    Returns:
+        `list[dict]`: per method, ``{"method", kind: {"n", "success", "psnr_outside",
+        "ge_25"}}`` for each kind it edited (`ge_25`: share of the scenes with >= 25 dB outside).
+    """
+    out = []
+    for name in order:
+        mine = [r for r in per_scene if r["method"] == name and _edited(r)]
+        if not mine:
+            continue
+        row: dict = {"method": name}
+        for kind in dict.fromkeys(r["edit_kind"] for r in mine):
+            rs = [r for r in mine if r["edit_kind"] == kind]
+            outside = [float(r["edit_psnr_background"]) for r in rs]
+            row[kind] = {
+                "n": len(rs),
+                "success": _mean([r["edit_success"] for r in rs]),
+                "psnr_outside": _mean(outside),
+                "ge_25": float(np.mean([v >= 25.0 for v in outside])),
+            }
+        out.append(row)
+    return out
+
+
+def _edited(row: dict) -> bool:
+    v = row.get("edit_success")
+    return v is not None and not math.isnan(float(v))
+
+
+def _kinds_table(results: dict) -> list[str]:
+    rows = edits_by_kind(results["per_scene"], [r["method"] for r in results["summary"]])
+    if not rows:
+        return []
+    kinds = list(dict.fromkeys(k for r in rows for k in r if k != "method"))
+    name_w = max(len(r["method"]) for r in rows) + 2
+    head = f"{'edits by kind':<{name_w}}" + "".join(
+        f"{k + ' (n, ok, >=25 dB, out dB)':>36}" for k in kinds
+    )
+    lines = ["", head, "-" * len(head)]
+    for r in rows:
+        cells = "".join(
+            f"{r[k]['n']:>12d}{r[k]['success']:>7.2f}{r[k]['ge_25']:>7.2f}{r[k]['psnr_outside']:>10.2f}"
+            if k in r
+            else f"{'-':>36}"
+            for k in kinds
+        )
+        lines.append(f"{r['method']:<{name_w}}{cells}")
+    return lines
+
+
 def format_table(results: dict) -> str:
     """The summary as fixed-width text, with the VAE bound, the target and the context."""
     summary, ctx, cfg = results["summary"], results["context"], results["config"]
@@ -119,6 +175,7 @@ def format_table(results: dict) -> str:
         "edit ok: success rate of the intended change (renderer's scorer); tgt dB: PSNR against "
         "the target render; bg dB: PSNR against the input outside the edit region.",
     ]
+    lines += _kinds_table(results)
     if ctx.get("resumed_from"):
         lines.append(
             f"Resumed run: batches measured in runs started {', '.join(ctx['resumed_from'])} "

@@ -111,13 +111,14 @@ class EditRecipe:
 
 
 RECIPES: dict[str, EditRecipe] = {
-    # a new outline needs the new word's own maps for most steps; an 8x8 mask leaves it room, and
-    # the source's self-attention at every level (16x16 too) for 60% of the steps keeps its place
-    "shape": EditRecipe(0.4, 0.6, blend=True, self_replace_finest=True),
+    # a new outline needs the new word's own maps for most steps (the source's for the first 20%
+    # only); the source's self-attention at every level (16x16 too) for 60% of the steps keeps its
+    # place; a mask at half the maps' peak (not 0.3) keeps the background
+    "shape": EditRecipe(0.2, 0.6, blend=True, blend_threshold=0.5, self_replace_finest=True),
     # same outline, new color: a tight mask (from the finest maps) keeps the background
     "color": EditRecipe(0.6, 0.6, blend=True, blend_finest=True, self_replace_finest=True),
-    # a global edit: no mask; the source's self-attention for 80% of the steps keeps the object
-    "background": EditRecipe(0.8, 0.8, blend=False, self_replace_finest=True),
+    # a global edit: no mask; the source's self-attention for 40% of the steps keeps the object
+    "background": EditRecipe(0.8, 0.4, blend=False, self_replace_finest=True),
 }
 """The embedded model's settings per edit kind, chosen with ``tools/tune_recipes.py`` on 16
 held-out scenes (numbered from :data:`~nti_utils.shapes.seeds.TUNING`: not the benchmark's, the
