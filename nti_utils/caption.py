@@ -172,11 +172,11 @@ def load_captioner(
     if name == "toy":
         if not (TOY_CAPTIONER_DIR / "config.json").is_file():
             raise FileNotFoundError(
-                f"The embedded captioner is missing: {TOY_CAPTIONER_DIR}/config.json not found. It "
-                "ships with the repository (data/toy-captioner); restore it with `git checkout -- "
-                "data/toy-captioner`, point NTI_TOY_CAPTIONER to a copy, or retrain it with "
-                "`python -m nti_utils.shapes.train_captioner --workdir /tmp/cap "
-                "--out data/toy-captioner`."
+                f"The embedded captioner is not here: {TOY_CAPTIONER_DIR}/config.json not found "
+                "(this version of the repository does not ship its weights yet). Train it with "
+                "`python -m nti_utils.shapes.train_captioner --workdir /tmp/cap --out "
+                "data/toy-captioner`, point NTI_TOY_CAPTIONER to a trained copy, or pass another "
+                "captioner (a transformers image-to-text folder or a cached hub id)."
             )
         source: str | Path = TOY_CAPTIONER_DIR
     elif not isinstance(captioner, str) or Path(name).expanduser().exists():
