@@ -8,6 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
@@ -161,15 +162,22 @@ def labelled_scatter(
     """
     fig = Figure(figsize=size)
     ax = fig.subplots()
-    # labels at three heights in turn, from left to right, so that neighbours along x do not overlap
+    # labels above and below their points in turn, from left to right, so that neighbours along x
+    # do not overlap; each label starts (left half) or ends (right half) at its point, so that it
+    # stays inside the axes and next to its own point
     by_x = sorted(points, key=lambda name: points[name][0])
     for name, (x, y) in points.items():
         ax.scatter([x], [y], s=30)
-        offset = ((5, 5), (5, -11), (5, 16))[by_x.index(name) % 3]
-        ax.annotate(name, (x, y), xytext=offset, textcoords="offset points", fontsize=8)
+        k = by_x.index(name)
+        dx, ha = (5, "left") if 2 * k < len(by_x) else (-5, "right")
+        dy = (6, -12)[k % 2]
+        ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha)
     _reference_lines(ax, hlines)
-    if logx:
+    if logx:  # ticks at 1, 2 and 5 times the powers of ten, written out
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.margins(x=0.12, y=0.25)  # room for the labels inside the axes
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

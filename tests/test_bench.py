@@ -260,3 +260,23 @@ def test_table_lists_edits_by_kind(quick):
     assert "edits by kind" in table
     for kind in ("shape", "color", "background"):
         assert f"{kind} (n, ok" in table
+
+
+def test_rows_text_prints_the_named_rows_from_a_saved_run(quick):
+    _, out = quick
+    results = report.load_results(out / "results.json")
+    text = report.rows_text(results, [bench.OURS, bench.REFERENCE])
+    lines = text.splitlines()
+    assert lines[0].startswith("method") and "PSNR" in lines[0]
+    assert lines[2].startswith(bench.OURS) and lines[3].startswith(bench.REFERENCE)
+    assert len(lines) == 4
+    with pytest.raises(KeyError, match="no benchmark rows"):
+        report.rows_text(results, ["no such method"])
+
+
+def test_load_results_says_what_is_wrong(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python -m nti_utils.bench"):
+        report.load_results(tmp_path / "results.json")
+    (tmp_path / "results.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="not a benchmark"):
+        report.load_results(tmp_path / "results.json")

@@ -142,21 +142,58 @@ def _kinds_table(results: dict) -> list[str]:
     return lines
 
 
+def _summary_lines(summary: list[dict]) -> list[str]:
+    name_w = max(len(r["method"]) for r in summary) + 2
+    head = f"{'method':<{name_w}}{'n':>4}" + "".join(f"{h:>{w}}" for _, h, w, _ in _TABLE)
+    lines = [head, "-" * len(head)]
+    for r in summary:
+        cells = "".join(f"{_fmt(r[k], f):>{w}}" for k, _, w, f in _TABLE)
+        lines.append(f"{r['method']:<{name_w}}{r['n']:>4}{cells}")
+    return lines
+
+
+def load_results(path: str | Path) -> dict:
+    """A benchmark run's ``results.json`` (as :func:`write_outputs` wrote it).
+
+    Raises:
+        FileNotFoundError: no such file; run ``python -m nti_utils.bench`` to make one.
+        ValueError: the file is not a benchmark's results.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: run `python -m nti_utils.bench --out DIR` and pass DIR/results.json"
+        )
+    results = json.loads(path.read_text())
+    if not isinstance(results, dict) or not {"summary", "per_scene", "config"} <= set(results):
+        raise ValueError(f"{path} is not a benchmark's results.json (no summary/per_scene/config)")
+    return results
+
+
+def rows_text(results: dict, methods: list[str]) -> str:
+    """The table's rows for `methods` only (in that order), with its header: the many-scene
+    numbers to print next to a single-scene result.
+
+    Raises:
+        KeyError: a method the run has no row for (the message lists the rows it has).
+    """
+    by_name = {r["method"]: r for r in results["summary"]}
+    missing = [m for m in methods if m not in by_name]
+    if missing:
+        raise KeyError(f"no benchmark rows {missing}; the run has {list(by_name)}")
+    summary = [{k: (math.nan if v is None else v) for k, v in by_name[m].items()} for m in methods]
+    return "\n".join(_summary_lines(summary))
+
+
 def format_table(results: dict) -> str:
     """The summary as fixed-width text, with the VAE bound, the target and the context."""
     summary, ctx, cfg = results["summary"], results["context"], results["config"]
-    name_w = max(len(r["method"]) for r in summary) + 2
-    head = f"{'method':<{name_w}}{'n':>4}" + "".join(f"{h:>{w}}" for _, h, w, _ in _TABLE)
     lines = [
         f"Null-text inversion benchmark: model {ctx['model_id']!r} ({ctx['resolution']} px), "
         f"{cfg['steps']} DDIM steps, w={cfg['guidance']:g}, {ctx['device']} {ctx['dtype']}, "
         f"{ctx['threads']} threads",
-        head,
-        "-" * len(head),
+        *_summary_lines(summary),
     ]
-    for r in summary:
-        cells = "".join(f"{_fmt(r[k], f):>{w}}" for k, _, w, f in _TABLE)
-        lines.append(f"{r['method']:<{name_w}}{r['n']:>4}{cells}")
     vae = [r["vae_bound"] for r in summary if r["group"] == "method"]
     lines += [
         "",

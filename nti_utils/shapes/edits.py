@@ -197,13 +197,20 @@ def edit_rates(scores: list[EditScore], psnr_bar: float = 25.0) -> dict:
     }
 
 
-def score_edit(case: EditCase, edited: Image.Image, source_image: Image.Image) -> EditScore:
+def score_edit(
+    case: EditCase,
+    edited: Image.Image,
+    source_image: Image.Image,
+    target_image: Image.Image | None = None,
+) -> EditScore:
     """Score an edited image against the case's ground truth.
 
     Args:
-        case (`EditCase`): the edit.
+        case (`EditCase`): the edit (its `region` is where the edit may change pixels).
         edited (`PIL.Image.Image`): the edited image, at the scene's resolution.
         source_image (`PIL.Image.Image`): the input image that was inverted.
+        target_image (`PIL.Image.Image`, *optional*): the ground truth drawn the way the input
+            was (e.g. by :mod:`nti_utils.shapes.redraw`); defaults to ``case.target.render()``.
     """
     side = case.source.resolution
     if edited.size != (side, side):
@@ -213,7 +220,7 @@ def score_edit(case: EditCase, edited: Image.Image, source_image: Image.Image) -
     outside = ~case.region
     return EditScore(
         success=bool(success),
-        psnr_target=psnr(edited, case.target.render()),
+        psnr_target=psnr(edited, case.target.render() if target_image is None else target_image),
         psnr_outside=psnr(edited, source_image, mask=outside) if outside.any() else float("nan"),
     )
 
@@ -228,6 +235,7 @@ def edit_case(
     *,
     target_weight: float = 1.0,
     source_image: Image.Image | None = None,
+    target_image: Image.Image | None = None,
 ) -> tuple[EditOutput, EditScore]:
     """Edit an inverted shapes-world scene with its case's recipe and score the result: the one
     invert -> edit -> score step of the evaluator, the benchmark, the recipe tuner and the panel.
@@ -244,6 +252,8 @@ def edit_case(
         source_image (`PIL.Image.Image`, *optional*): the image that was inverted, which
             :func:`score_edit` compares the edit with outside the edit region; defaults to
             ``case.source.render()``.
+        target_image (`PIL.Image.Image`, *optional*): its ground-truth edit drawn the same way;
+            defaults to ``case.target.render()``.
 
     Returns:
         `tuple[EditOutput, EditScore]`: the edit (``images[0]`` the source reconstruction,
@@ -254,4 +264,4 @@ def edit_case(
         pipe, inversion, case.prompts, ctrl, guidance_scale=guidance_scale, progress=progress
     )
     image = source_image if source_image is not None else case.source.render()
-    return out, score_edit(case, out.images[1], image)
+    return out, score_edit(case, out.images[1], image, target_image)

@@ -4,7 +4,10 @@ The analysis works on pixels only (it never sees the :class:`~nti_utils.shapes.w
 can score images the model sampled or edited: the background is the most common border color, the
 foreground is what differs from it, objects are its connected components, an object's color is the
 nearest named color of its pixels, and its shape follows from how much of its bounding box it fills
-(square ~1, circle ~pi/4, upright triangle ~1/2).
+(square ~1, circle ~pi/4, upright triangle ~1/2). For images whose shapes may be turned (another
+renderer's), ``rotation_invariant=True`` reads the shape from its area against the largest
+squared distance of its pixels from their centroid instead, which no rotation changes (circle ~pi,
+square ~2, this world's triangle ~1.1-1.4).
 """
 
 from __future__ import annotations
@@ -100,11 +103,26 @@ def classify_fill(fill: float) -> str:
     return "triangle"
 
 
-def analyze(image: Image.Image | np.ndarray) -> Analysis:
+def classify_spread(area: float, max_sq_radius: float) -> str:
+    """Shape from `area` / `max_sq_radius` (the largest squared pixel distance from the object's
+    centroid): pi for a circle, 2 for a square, about 1.1-1.4 for this world's triangles, at any
+    rotation."""
+    ratio = area / max(max_sq_radius, 1e-9)
+    if ratio >= 2.6:
+        return "circle"
+    if ratio >= 1.7:
+        return "square"
+    return "triangle"
+
+
+def analyze(image: Image.Image | np.ndarray, rotation_invariant: bool = False) -> Analysis:
     """Find the background and the objects of a shapes-world image.
 
     Args:
         image (`PIL.Image.Image` or `np.ndarray`): RGB, uint8 or float in [0, 1], (H, W, 3).
+        rotation_invariant (`bool`, defaults to `False`): read shapes with
+            :func:`classify_spread` (any rotation) instead of :func:`classify_fill` (upright
+            shapes, as this world's renderer draws them).
 
     Returns:
         :class:`Analysis` with objects sorted by area, largest first.
@@ -133,7 +151,12 @@ def analyze(image: Image.Image | np.ndarray) -> Analysis:
         mask = np.zeros((h, w), dtype=bool)
         mask[pts[:, 0], pts[:, 1]] = True
         bbox = (int(left), int(top), int(right), int(bottom))
-        objects.append(Detected(color, classify_fill(fill), fill, len(pts), bbox, mask))
+        if rotation_invariant:
+            spread = float(((pts - pts.mean(axis=0)) ** 2).sum(axis=1).max())
+            kind = classify_spread(len(pts), spread)
+        else:
+            kind = classify_fill(fill)
+        objects.append(Detected(color, kind, fill, len(pts), bbox, mask))
     objects.sort(key=lambda d: -d.area)
     return Analysis(background, tuple(objects))
 
@@ -153,15 +176,17 @@ class Adherence:
         return self.background and all(self.colors) and all(self.shapes) and self.count
 
 
-def score_caption(image: Image.Image | np.ndarray, caption: str) -> Adherence:
+def score_caption(
+    image: Image.Image | np.ndarray, caption: str, rotation_invariant: bool = False
+) -> Adherence:
     """Check an image against a caption of the world's grammar.
 
     Objects are matched greedily: a caption object takes the largest remaining detection of its
     color and shape, else of its color, else the largest remaining one; its flags are then
-    compared on that match.
+    compared on that match. `rotation_invariant`: see :func:`analyze`.
     """
     wanted, background = parse_caption(caption)
-    found = analyze(image)
+    found = analyze(image, rotation_invariant)
     left = list(found.objects)
     colors, shapes = [], []
     for color, kind in wanted:
