@@ -282,6 +282,14 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _rates_line(r: dict) -> str:
+    """One line of :func:`~nti_utils.shapes.edits.edit_rates`' numbers."""
+    return (
+        f"n {r['n']:>3}  success {r['success']:.2f}  outside {r['psnr_outside_mean']:.1f} dB  "
+        f">= 25 dB {r['psnr_outside_ge_25']:.2f}  both {r['success_and_ge_25']:.2f}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Evaluate the embedded model against its quality bars.")
     p.add_argument("--model", default="toy", help='"toy" or a pipeline folder')
@@ -316,11 +324,7 @@ def main(argv: list[str] | None = None) -> None:
             f"the scorer reads {r['ground_truth_read']:.2f} of the ground truths right):"
         )
         for kind, v in {"all": r, **r["by_kind"]}.items():
-            print(
-                f"{kind:<11} n {v['n']:>3}  success {v['success']:.2f}  outside "
-                f"{v['psnr_outside_mean']:.1f} dB  >= 25 dB {v['psnr_outside_ge_25']:.2f}  "
-                f"both {v['success_and_ge_25']:.2f}"
-            )
+            print(f"{kind:<11} {_rates_line(v)}")
     elif args.curve:
         torch.manual_seed(0)
         pipe = load_pipeline(args.model, device="cpu")
@@ -334,11 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.swaps:
         pipe = load_pipeline(args.model, device="cpu")
         r = shape_swaps(pipe, args.swaps, args.steps, args.guidance)
-        print(
-            f"shape swaps on {r['n']} inverted renders: success {r['success']:.2f}, background "
-            f"PSNR {r['psnr_outside_mean']:.1f} dB (>= 25 dB: {r['psnr_outside_ge_25']:.2f}), "
-            f"both: {r['success_and_ge_25']:.2f}"
-        )
+        print(f"shape swaps on inverted renders: {_rates_line(r)}")
     else:
         r = evaluate(args.model, args.guidance, args.seeds, args.n_two, args.steps)
         print(format_table(r))
