@@ -249,9 +249,11 @@ def test_edits_by_kind_splits_success_and_outside_psnr_per_kind():
     ]
     rows = report.edits_by_kind(per_scene, ["b", "a", "sweep"])
     assert [r["method"] for r in rows] == ["b", "a"]
-    assert rows[1]["shape"] == {"n": 2, "success": 0.5, "psnr_outside": 25.0, "ge_25": 0.5}
-    assert rows[1]["color"] == {"n": 1, "success": 1.0, "psnr_outside": 40.0, "ge_25": 1.0}
-    assert "color" not in rows[0] and rows[0]["shape"]["ge_25"] == 0.0
+    shape, color = rows[1]["shape"], rows[1]["color"]
+    assert (shape["n"], shape["success"], shape["psnr_outside_mean"]) == (2, 0.5, 25.0)
+    assert shape["psnr_outside_ge_25"] == 0.5 and shape["success_and_ge_25"] == 0.5
+    assert (color["n"], color["success"], color["psnr_outside_mean"]) == (1, 1.0, 40.0)
+    assert "color" not in rows[0] and rows[0]["shape"]["psnr_outside_ge_25"] == 0.0
 
 
 def test_table_lists_edits_by_kind(quick):

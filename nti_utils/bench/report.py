@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from ..shapes.edits import EditScore, edit_rates
+
 COLUMNS: tuple[str, ...] = (
     "method",
     "group",
@@ -87,15 +89,16 @@ def summarize(rows: list[dict], order: list[str]) -> list[dict]:
 
 
 def edits_by_kind(per_scene: list[dict], order: list[str]) -> list[dict]:
-    """Edit success and PSNR outside the edit region per method and edit kind.
+    """Edit success and PSNR outside the edit region per method and edit kind, aggregated by
+    :func:`~nti_utils.shapes.edits.edit_rates` (the evaluator's aggregate).
 
     Args:
         per_scene (`list[dict]`): the benchmark's per-scene rows (``results["per_scene"]``).
         order (`list[str]`): the methods, in the table's order; methods without edits are left out.
 
     Returns:
-        `list[dict]`: per method, ``{"method", kind: {"n", "success", "psnr_outside",
-        "ge_25"}}`` for each kind it edited (`ge_25`: share of the scenes with >= 25 dB outside).
+        `list[dict]`: per method, ``{"method", kind: edit_rates(...)}`` for each kind it edited
+        (``n``, ``success``, ``psnr_outside_mean``, ``psnr_outside_ge_25``, ...).
     """
     out = []
     for name in order:
@@ -104,14 +107,16 @@ def edits_by_kind(per_scene: list[dict], order: list[str]) -> list[dict]:
             continue
         row: dict = {"method": name}
         for kind in dict.fromkeys(r["edit_kind"] for r in mine):
-            rs = [r for r in mine if r["edit_kind"] == kind]
-            outside = [float(r["edit_psnr_background"]) for r in rs]
-            row[kind] = {
-                "n": len(rs),
-                "success": _mean([r["edit_success"] for r in rs]),
-                "psnr_outside": _mean(outside),
-                "ge_25": float(np.mean([v >= 25.0 for v in outside])),
-            }
+            scores = [
+                EditScore(
+                    success=bool(r["edit_success"]),
+                    psnr_target=float(r.get("edit_psnr_target", math.nan)),
+                    psnr_outside=float(r["edit_psnr_background"]),
+                )
+                for r in mine
+                if r["edit_kind"] == kind
+            ]
+            row[kind] = edit_rates(scores)
         out.append(row)
     return out
 
@@ -133,7 +138,8 @@ def _kinds_table(results: dict) -> list[str]:
     lines = ["", head, "-" * len(head)]
     for r in rows:
         cells = "".join(
-            f"{r[k]['n']:>12d}{r[k]['success']:>7.2f}{r[k]['ge_25']:>7.2f}{r[k]['psnr_outside']:>10.2f}"
+            f"{r[k]['n']:>12d}{r[k]['success']:>7.2f}{r[k]['psnr_outside_ge_25']:>7.2f}"
+            f"{r[k]['psnr_outside_mean']:>10.2f}"
             if k in r
             else f"{'-':>36}"
             for k in kinds

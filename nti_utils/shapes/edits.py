@@ -202,6 +202,7 @@ def score_edit(
     edited: Image.Image,
     source_image: Image.Image,
     target_image: Image.Image | None = None,
+    rotation_invariant: bool = False,
 ) -> EditScore:
     """Score an edited image against the case's ground truth.
 
@@ -211,15 +212,16 @@ def score_edit(
         source_image (`PIL.Image.Image`): the input image that was inverted.
         target_image (`PIL.Image.Image`, *optional*): the ground truth drawn the way the input
             was (e.g. by :mod:`nti_utils.shapes.redraw`); defaults to ``case.target.render()``.
+        rotation_invariant (`bool`, defaults to `False`): read shapes at any rotation (see
+            :func:`~nti_utils.shapes.score.analyze`), for inputs drawn with turned shapes.
     """
     side = case.source.resolution
     if edited.size != (side, side):
         raise ValueError(f"edited image is {edited.size}, the scene is {side}x{side}")
-    s = score_caption(edited, case.target.caption())
-    success = s.background and all(s.colors) and all(s.shapes) and s.count
+    s = score_caption(edited, case.target.caption(), rotation_invariant)
     outside = ~case.region
     return EditScore(
-        success=bool(success),
+        success=bool(s.all),
         psnr_target=psnr(edited, case.target.render() if target_image is None else target_image),
         psnr_outside=psnr(edited, source_image, mask=outside) if outside.any() else float("nan"),
     )
@@ -236,6 +238,7 @@ def edit_case(
     target_weight: float = 1.0,
     source_image: Image.Image | None = None,
     target_image: Image.Image | None = None,
+    rotation_invariant: bool = False,
 ) -> tuple[EditOutput, EditScore]:
     """Edit an inverted shapes-world scene with its case's recipe and score the result: the one
     invert -> edit -> score step of the evaluator, the benchmark, the recipe tuner and the panel.
@@ -254,6 +257,7 @@ def edit_case(
             ``case.source.render()``.
         target_image (`PIL.Image.Image`, *optional*): its ground-truth edit drawn the same way;
             defaults to ``case.target.render()``.
+        rotation_invariant (`bool`, defaults to `False`): see :func:`score_edit`.
 
     Returns:
         `tuple[EditOutput, EditScore]`: the edit (``images[0]`` the source reconstruction,
@@ -264,4 +268,4 @@ def edit_case(
         pipe, inversion, case.prompts, ctrl, guidance_scale=guidance_scale, progress=progress
     )
     image = source_image if source_image is not None else case.source.render()
-    return out, score_edit(case, out.images[1], image, target_image)
+    return out, score_edit(case, out.images[1], image, target_image, rotation_invariant)
