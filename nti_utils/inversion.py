@@ -15,7 +15,8 @@ is bound by per-call overhead, so B images cost far less than B separate runs. I
    ∅_t (one leaf and one Adam state per image, learning rate :func:`lr_at`, ``lr · (1 - i/100)`` up to
    100 steps), minimizing
    ``‖z*_{t-1} - DDIM_step(z̄_t, ε̃(∅_t))‖²`` with ε̃ = ε(∅_t) + w·(ε(C) - ε(∅_t)); each image leaves
-   the batch when its loss is under ``epsilon + i · epsilon_growth``;
+   the batch when its loss is under ``epsilon + i · epsilon_growth`` (at w = 1, where ∅ has no
+   weight in ε̃, no update is made);
 3. z̄_{t-1} = DDIM_step(z̄_t, ε̃(∅_t)) with the final ∅_t, and ∅_{t-1} starts from ∅_t.
 
 The UNet's weights are frozen during the optimization (gradients flow to ∅_t only), and the
@@ -194,6 +195,9 @@ def _optimize(unet, prep: Prepared, latent, s: InversionSettings, progress: bool
     else:  # optimize ∅_t of each image from encoder(""), C fixed
         fixed = prep.cond
         prev = [prep.null.detach().float()] * batch
+    # at w = 1, ε̃ = ε(C): ∅'s branch has weight 1 - w = 0, its gradient is exactly zero and no
+    # update can move z̄, so none is made (C's branch, optimized with optimize="cond", still can)
+    updates = 0 if s.optimize != "cond" and s.guidance_scale == 1 else s.max_updates
     out = {"emb": [], "losses": [], "counts": [], "errors": []}
     for i in tqdm(range(n), desc="null-text optimization", disable=not progress):
         t = schedule.timesteps[i]
@@ -215,8 +219,8 @@ def _optimize(unet, prep: Prepared, latent, s: InversionSettings, progress: bool
         )
         opt = torch.optim.Adam(st.emb, lr=lr_at(s, i, n))  # per-row state
         active = list(range(batch))
-        for k in range(s.max_updates + 1):
-            last = k == s.max_updates
+        for k in range(updates + 1):
+            last = k == updates
             if not active or (last and s.update_rule == "reference"):
                 break
             active = _evaluate(unet, st, active, last, s, calls)

@@ -61,6 +61,42 @@ def test_early_stopping_cuts_inner_steps(tiny_pipe, small_scene):
     assert torch.equal(res.null_embeddings[0], res.null_embeddings[-1])
 
 
+def test_at_guidance_one_no_update_is_made_because_none_could_help(tiny_pipe, small_scene):
+    from nti_utils.ddim import DDIMSchedule, ddim_step, guide, predict_noise
+    from nti_utils.models import embed_prompts
+
+    z0 = image_to_latents(tiny_pipe, small_scene.render())
+    w1 = dataclasses.replace(SETTINGS, guidance_scale=1.0, epsilon=0.0, epsilon_growth=0.0)
+    res = null_text_inversion(tiny_pipe, z0, PROMPT, w1, progress=False)
+    # why: at w = 1 the loss does not depend on ∅ (its gradient is exactly zero)
+    schedule = DDIMSchedule.from_scheduler(tiny_pipe.scheduler, SETTINGS.num_steps)
+    cond, null = embed_prompts(tiny_pipe, [PROMPT, ""]).chunk(2)
+    null = null.clone().requires_grad_(True)
+    t, alphas = schedule.timesteps[0], schedule.alphas(0)
+    z = res.pivots[-1]
+    eps = guide(
+        predict_noise(tiny_pipe.unet, z, t, null, schedule),
+        predict_noise(tiny_pipe.unet, z, t, cond, schedule),
+        1.0,
+    )
+    loss = (ddim_step(z, eps, *alphas) - res.pivots[-2]).pow(2).mean()
+    (grad,) = torch.autograd.grad(loss, null)  # to ∅ only: the UNet's weights get no .grad
+    assert grad.abs().max() == 0
+    # so the zero threshold never stops it, yet nothing is updated and ∅ stays encoder("")
+    assert res.inner_steps == [0] * SETTINGS.num_steps and res.unet_calls["backward"] == 0
+    assert all(torch.equal(e, res.null_embeddings[0]) for e in res.null_embeddings)
+    # and the result is DDIM inversion's at w = 1
+    ddim = ddim_inversion(tiny_pipe, z0, PROMPT, w1, progress=False)
+    torch.testing.assert_close(
+        reconstruct(tiny_pipe, res, progress=False), reconstruct(tiny_pipe, ddim, progress=False)
+    )
+    # optimizing C instead still updates at w = 1 (its branch has weight w)
+    cond_run = null_text_inversion(
+        tiny_pipe, z0, PROMPT, dataclasses.replace(w1, optimize="cond"), progress=False
+    )
+    assert sum(cond_run.inner_steps) > 0
+
+
 def test_weights_stay_untouched_and_trainable(tiny_pipe, nti):
     assert all(p.requires_grad for p in tiny_pipe.unet.parameters())
     assert all(p.grad is None for p in tiny_pipe.unet.parameters())
