@@ -2,8 +2,8 @@
 
 Null-text inversion needs a prompt P that describes the input image; the paper notes that a
 captioning model can write it instead of the user. :func:`caption` does that with the embedded
-captioner (``"toy"``, trained on the shapes world by :mod:`nti_utils.shapes.train_captioner`; not
-shipped yet, so ``"toy"`` says how to train it), a local
+captioner (``"toy"``, ``data/toy-captioner``, trained on the shapes world by
+:mod:`nti_utils.shapes.train_captioner`; see its model card), a local
 transformers folder, or a hub id already in the local cache: any image-to-text model that
 transformers' `AutoModelForImageTextToText` loads (`VisionEncoderDecoderModel`, BLIP's
 `BlipForConditionalGeneration`, GIT's `GitForCausalLM`, ...), called through its own `generate`
@@ -32,7 +32,7 @@ import torch
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
 from nti_utils.images import ImageLike, load_image
-from nti_utils.models import folder_contents, resolve_device
+from nti_utils.models import folder_contents, no_loading_bars, resolve_device
 
 TOY_CAPTIONER_DIR = Path(
     os.environ.get(
@@ -173,9 +173,9 @@ def load_captioner(
         if not (TOY_CAPTIONER_DIR / "config.json").is_file():
             raise FileNotFoundError(
                 f"The embedded captioner is not here: {TOY_CAPTIONER_DIR}/config.json not found "
-                "(this version of the repository does not ship its weights yet). Train it with "
+                "(a checkout without data/toy-captioner: restore it with git, or train it with "
                 "`python -m nti_utils.shapes.train_captioner --workdir /tmp/cap --out "
-                "data/toy-captioner`, point NTI_TOY_CAPTIONER to a trained copy, or pass another "
+                "data/toy-captioner`), point NTI_TOY_CAPTIONER to a trained copy, or pass another "
                 "captioner (a transformers image-to-text folder or a cached hub id)."
             )
         source: str | Path = TOY_CAPTIONER_DIR
@@ -186,9 +186,10 @@ def load_captioner(
         source = name
     try:
         kwargs = {"local_files_only": not allow_download}
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+        with no_loading_bars():
+            model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+            image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except Exception as err:
         if isinstance(source, Path):
             raise ValueError(

@@ -309,7 +309,7 @@ def _weights_variant(folder: str | Path) -> str | None:
 
 
 @contextmanager
-def _no_loading_bars() -> Iterator[None]:
+def no_loading_bars() -> Iterator[None]:
     """diffusers' and transformers' loading bars off while a local folder loads (a second at most;
     in a notebook they would stay behind as frozen bars), restored afterwards."""
     libs = (diffusers_logging, transformers_logging)
@@ -390,7 +390,7 @@ def load_pipeline(
             options = dict(
                 safety_checker=None, feature_extractor=None, requires_safety_checker=False
             )
-        with _no_loading_bars():
+        with no_loading_bars():
             pipe = cls.from_pretrained(
                 source,
                 variant=_weights_variant(source) if local or str(model) == "toy" else None,

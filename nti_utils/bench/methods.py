@@ -234,7 +234,7 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
         "ablation: source prompt empty": "empty",
         "ablation: source prompt, one attribute wrong": "wrong",
     }
-    # the embedded captioner reads the shapes world only (and is not shipped yet: see README)
+    # the embedded captioner reads the shapes world only (and a checkout may lack its folder)
     if cfg.model == "toy" and (TOY_CAPTIONER_DIR / "config.json").is_file():
         sources = {CAPTIONED: "captioned", **sources}
     out += [

@@ -1,12 +1,14 @@
-"""Train the embedded captioner: a tiny Swin + GPT-2 image-to-text model for the shapes world.
+"""Train the embedded captioner: a tiny SegFormer + GPT-2 image-to-text model of the shapes world.
 
 Run ``python -m nti_utils.shapes.train_captioner --workdir ~/.cache/nti-lab/captioner
 --out data/toy-captioner``; rerun the same command after an interruption (``<workdir>/state.pt`` is
 written atomically every ``--ckpt-every`` steps).
 
-The model is transformers' `VisionEncoderDecoderModel` (a `SwinModel` encoder: 4x4 patches, windowed attention, merged
-twice to a 4x4 grid, the encoder of Donut's captioning recipe; a
-`GPT2LMHeadModel` decoder with cross-attention), trained with teacher forcing on captions of random
+The model is transformers' `VisionEncoderDecoderModel`: a `SegformerModel` encoder (SegFormer's
+Mix Transformer: overlapping strided-convolution patch embeddings and a depthwise 3x3 convolution in
+every feed-forward block, attention over spatially reduced keys; three stages, 64 px to a 4x4 grid
+of tokens, its last stage left as a token sequence, ``reshape_last_stage=False``) and a
+`GPT2LMHeadModel` decoder with cross-attention, trained with teacher forcing on captions of random
 scenes that are rendered afresh at every step, so it never sees an image twice. It must read images
 that `Scene.render` did not draw, so most training images are drawn with this module's own
 augmentations (:func:`augmented_render`): object and background shades moved off the palette,
@@ -39,8 +41,8 @@ from tqdm.auto import tqdm
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
-    SwinConfig,
-    SwinModel,
+    SegformerConfig,
+    SegformerModel,
     VisionEncoderDecoderModel,
     ViTImageProcessor,
 )
@@ -67,11 +69,13 @@ MAX_CAPTION_TOKENS = 16
 class CaptionerConfig:
     """Sizes of the embedded captioner and its training recipe."""
 
-    patch: int = 4
-    window: int = 4
-    encoder_width: int = 48
+    encoder_widths: tuple[int, ...] = (32, 64, 128)
     encoder_depths: tuple[int, ...] = (2, 2, 2)
-    encoder_heads: tuple[int, ...] = (2, 4, 8)
+    encoder_heads: tuple[int, ...] = (1, 2, 4)
+    encoder_patches: tuple[int, ...] = (7, 3, 3)
+    """Kernel sizes of the stages' overlapping patch embeddings (strides 4, 2, 2)."""
+    encoder_reductions: tuple[int, ...] = (4, 2, 1)
+    """Spatial reduction of each stage's keys and values."""
     width: int = 128
     decoder_layers: int = 3
     heads: int = 4
@@ -90,14 +94,18 @@ def build_captioner(cfg: CaptionerConfig) -> tuple[VisionEncoderDecoderModel, ob
     # a padding token of its own (CLIP pads with its end token), so that generation can tell
     # padding from the end of a caption
     tok.add_special_tokens({"pad_token": "<|pad|>"})
-    enc = SwinConfig(
-        image_size=RESOLUTION,
-        patch_size=cfg.patch,
-        embed_dim=cfg.encoder_width,
+    n_stages = len(cfg.encoder_widths)
+    enc = SegformerConfig(
+        num_encoder_blocks=n_stages,
         depths=list(cfg.encoder_depths),
-        num_heads=list(cfg.encoder_heads),
-        window_size=cfg.window,
-        mlp_ratio=2.0,
+        hidden_sizes=list(cfg.encoder_widths),
+        num_attention_heads=list(cfg.encoder_heads),
+        patch_sizes=list(cfg.encoder_patches),
+        strides=[4] + [2] * (n_stages - 1),
+        sr_ratios=list(cfg.encoder_reductions),
+        mlp_ratios=[4] * n_stages,
+        reshape_last_stage=False,  # (B, tokens, width): what the decoder's cross-attention reads
+        hidden_size=cfg.encoder_widths[-1],  # read by VisionEncoderDecoderModel
     )
     dec = GPT2Config(
         vocab_size=len(tok),
@@ -108,9 +116,12 @@ def build_captioner(cfg: CaptionerConfig) -> tuple[VisionEncoderDecoderModel, ob
         add_cross_attention=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+        # no pad id in the decoder's own config: labels mask padding with -100, and generation
+        # pads finished captions with the generation config's id (set below), which the decoder
+        # would otherwise warn about as if it were padded input
+        pad_token_id=None,
     )
-    model = VisionEncoderDecoderModel(encoder=SwinModel(enc), decoder=GPT2LMHeadModel(dec))
+    model = VisionEncoderDecoderModel(encoder=SegformerModel(enc), decoder=GPT2LMHeadModel(dec))
     model.config.decoder_start_token_id = tok.bos_token_id
     model.config.pad_token_id = tok.pad_token_id
     model.config.eos_token_id = tok.eos_token_id
