@@ -172,10 +172,10 @@ def load_captioner(
     if name == "toy":
         if not (TOY_CAPTIONER_DIR / "config.json").is_file():
             raise FileNotFoundError(
-                f"The embedded captioner is not here: {TOY_CAPTIONER_DIR}/config.json not found "
-                "(a checkout without data/toy-captioner: restore it with git, or train it with "
+                f"The embedded captioner is not here: {TOY_CAPTIONER_DIR}/config.json not found. "
+                "Restore data/toy-captioner with git, or train it with "
                 "`python -m nti_utils.shapes.train_captioner --workdir /tmp/cap --out "
-                "data/toy-captioner`), point NTI_TOY_CAPTIONER to a trained copy, or pass another "
+                "data/toy-captioner`; or point NTI_TOY_CAPTIONER to a trained copy, or pass another "
                 "captioner (a transformers image-to-text folder or a cached hub id)."
             )
         source: str | Path = TOY_CAPTIONER_DIR

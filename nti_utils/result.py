@@ -63,7 +63,8 @@ class InversionSettings:
         num_steps (`int`, defaults to 50): DDIM steps N (>= 1).
         guidance_scale (`float`, defaults to 7.5): w used when optimizing, editing and
             reconstructing (finite).
-        inner_steps (`int`, defaults to 10): at most this many Adam updates per timestep (>= 0).
+        inner_steps (`int`, defaults to 10): at most this many Adam updates per timestep (>= 0);
+            none at w = 1 when ∅ is optimized (its branch has weight 1 - w = 0 there).
         lr (`float`, defaults to 1e-2): Adam's learning rate at the first timestep; at step index i
             it is ``lr * (1 - i / max(100, N))`` (finite, > 0; see
             :func:`~nti_utils.inversion.lr_at`): the official code's ``lr * (1 - i / 100)`` for
@@ -89,7 +90,8 @@ class InversionSettings:
             early-stop test runs. ``"check-first"``: the loss is tested before each update, and the
             evaluation that passes also gives z̄_{t-1} (no extra UNet call). ``"reference"``: the
             official code's order: update, then stop if the loss measured before the update was
-            below the threshold (every step makes at least one update), then one more evaluation
+            below the threshold (every step makes at least one update, except at w = 1: see
+            `inner_steps`), then one more evaluation
             with the final ∅_t advances z̄.
         step_scale (`float`, defaults to 1.0): k >= 1, a shorter optimizer schedule: Adam's
             learning rate times k and at most ``ceil(inner_steps / k)`` updates per step

@@ -61,12 +61,15 @@ def test_early_stopping_cuts_inner_steps(tiny_pipe, small_scene):
     assert torch.equal(res.null_embeddings[0], res.null_embeddings[-1])
 
 
-def test_at_guidance_one_no_update_is_made_because_none_could_help(tiny_pipe, small_scene):
+@pytest.mark.parametrize("rule", ["check-first", "reference"])
+def test_at_guidance_one_no_update_is_made_because_none_could_help(tiny_pipe, small_scene, rule):
     from nti_utils.ddim import DDIMSchedule, ddim_step, guide, predict_noise
     from nti_utils.models import embed_prompts
 
     z0 = image_to_latents(tiny_pipe, small_scene.render())
-    w1 = dataclasses.replace(SETTINGS, guidance_scale=1.0, epsilon=0.0, epsilon_growth=0.0)
+    w1 = dataclasses.replace(
+        SETTINGS, guidance_scale=1.0, epsilon=0.0, epsilon_growth=0.0, update_rule=rule
+    )
     res = null_text_inversion(tiny_pipe, z0, PROMPT, w1, progress=False)
     # why: at w = 1 the loss does not depend on ∅ (its gradient is exactly zero)
     schedule = DDIMSchedule.from_scheduler(tiny_pipe.scheduler, SETTINGS.num_steps)

@@ -129,6 +129,8 @@ def build_captioner(cfg: CaptionerConfig) -> tuple[VisionEncoderDecoderModel, ob
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
+    # generate() alone (without nti_utils.caption) must not run past the decoder's positions
+    model.generation_config.max_length = MAX_CAPTION_TOKENS
     processor = ViTImageProcessor(
         size={"height": RESOLUTION, "width": RESOLUTION},
         image_mean=[0.5, 0.5, 0.5],
