@@ -155,14 +155,17 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
     tiny_pipeline().save_pretrained(model)
     with pytest.raises(FileExistsError, match="--resume"):
         bench.main(["--quick", "--model", str(model), "--out", str(out), "--no-progress"])
-    # an interrupted run: of two batches (one scene each) only the first was saved
-    flags = ["--quick", "--model", str(model), "--scenes", "2", "--batch", "1", "--no-ablations"]
+    # an interrupted run of one batch of two scenes, saved up to the first two methods on its
+    # first scene and (a row that cannot be saved alone, to check what resuming does with it)
+    # ours' batch on that scene only
+    flags = ["--quick", "--model", str(model), "--scenes", "2", "--batch", "2", "--no-ablations"]
     flags += ["--no-progress", "--out", str(tmp_path / "run")]
     full = bench.main(flags)
     path = tmp_path / "run" / "results.json"
     saved = json.loads(path.read_text())
-    first = saved["per_scene"][0]["seed"]
-    saved["per_scene"] = [r for r in saved["per_scene"] if r["seed"] == first]
+    first, second = list(dict.fromkeys(r["seed"] for r in saved["per_scene"]))
+    kept_pairs = {(m, first) for m in [*METHODS[:2], bench.OURS]}
+    saved["per_scene"] = [r for r in saved["per_scene"] if (r["method"], r["seed"]) in kept_pairs]
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="other settings"):
         bench.main([*flags, "--resume", "--steps", "4"])
@@ -176,11 +179,17 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
         bench.main([*flags, "--resume"])
     path.write_text(json.dumps(saved))
     resumed = bench.main([*flags, "--resume"])
-    kept = [r for r in resumed["per_scene"] if r["seed"] == first]
-    assert [r["wall_s"] for r in kept] == [r["wall_s"] for r in saved["per_scene"]]  # not re-run
-    again = [r for r in resumed["per_scene"] if r["seed"] != first]
-    assert len(again) == len(full["per_scene"]) - len(kept) > 0
-    assert resumed["context"]["resumed_from"] == [saved["context"]["date"]]
+    pairs = [(r["method"], r["seed"]) for r in resumed["per_scene"]]
+    assert sorted(pairs) == sorted((r["method"], r["seed"]) for r in full["per_scene"])
+    wall = {(r["method"], r["seed"]): r["wall_s"] for r in resumed["per_scene"]}
+    for r in saved["per_scene"]:  # the saved rows are kept, not run again ...
+        if r["method"] != bench.OURS:
+            assert wall[r["method"], r["seed"]] == r["wall_s"], r["method"]
+    # ... except ours on a batch it has not finished: measured per batch, it runs that batch whole
+    old_ours = next(r["wall_s"] for r in saved["per_scene"] if r["method"] == bench.OURS)
+    assert wall[bench.OURS, first] == wall[bench.OURS, second] != old_ours
+    assert resumed["context"]["resumed_from"] == [report.run_label(saved["context"])]
+    assert report.run_label(saved["context"]).startswith(saved["context"]["date"])
     assert "Resumed run" in (tmp_path / "run" / "table.txt").read_text()
 
 

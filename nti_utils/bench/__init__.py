@@ -7,7 +7,7 @@ method and ablation is measured for reconstruction, cost and editability, in one
 * :mod:`~nti_utils.bench.reference`: the original notebook's null-text loop, the yardstick;
 * :mod:`~nti_utils.bench.methods`: the methods and ablations;
 * :mod:`~nti_utils.bench.measure`: wall/CPU time, UNet rows, peak memory of a block of work;
-* :mod:`~nti_utils.bench.run`: running them on batches of scenes, resumable;
+* :mod:`~nti_utils.bench.run`: running them on batches of scenes, resumable row by row;
 * :mod:`~nti_utils.bench.report`: summary, table, CSV, JSON and plot;
 * :mod:`~nti_utils.bench.cli`: the command line.
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nti_utils.bench import __doc__ as package_doc
 from nti_utils.bench.config import AUTOCAST_CHOICES, DTYPE_CHOICES, QUICK, BenchConfig
-from nti_utils.bench.report import MARKER, OUTPUT_FILES, write_outputs
+from nti_utils.bench.report import MARKER, OUTPUT_FILES, save_results, write_outputs
 from nti_utils.bench.run import previous_results, run
 from nti_utils.models import resolve_device
 
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue the interrupted run in --out (same flags): keep its finished batches",
+        help="continue the interrupted run in --out (same flags): keep the rows it saved",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the results in --out")
     a = p.parse_args(argv)
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress=not a.no_progress,
         resume=resume,
         on_batch=lambda partial: write_outputs(partial, a.out),
+        on_row=lambda partial: save_results(partial, a.out),
     )
     table = write_outputs(results, a.out)
     print(table)

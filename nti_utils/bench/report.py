@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +192,11 @@ def rows_text(results: dict, methods: list[str]) -> str:
     return "\n".join(_summary_lines(summary))
 
 
+def run_label(ctx: dict) -> str:
+    """A run's start date and, where its context knows it, its commit."""
+    return f"{ctx['date']} at {ctx['commit']}" if ctx.get("commit") else ctx["date"]
+
+
 def format_table(results: dict) -> str:
     """The summary as fixed-width text, with the VAE bound, the target and the context."""
     summary, ctx, cfg = results["summary"], results["context"], results["config"]
@@ -221,8 +227,8 @@ def format_table(results: dict) -> str:
     lines += _kinds_table(results)
     if ctx.get("resumed_from"):
         lines.append(
-            f"Resumed run: batches measured in runs started {', '.join(ctx['resumed_from'])} "
-            f"and {ctx['date']} (the methods of a batch always ran together)."
+            f"Resumed run: rows measured in runs started {', '.join(ctx['resumed_from'])} "
+            f"and {run_label(ctx)} (a batched method's batch always in one run)."
         )
     lines += [_target_line(label, t) for label, t in results.get("targets", {}).items()]
     return "\n".join(lines)
@@ -314,6 +320,15 @@ def plot(results: dict) -> Figure:
     return fig
 
 
+def save_results(results: dict, out: str | Path) -> None:
+    """Write ``results.json`` into the folder `out` atomically (a temporary file renamed into
+    place), so that a run killed while saving leaves the previous file whole."""
+    path = Path(out) / "results.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_json_safe(results), indent=2))
+    os.replace(tmp, path)
+
+
 def write_outputs(results: dict, out: str | Path) -> str:
     """Write CSVs, JSON and the plot into `out` (created); return the table text."""
     out = Path(out)
@@ -324,7 +339,7 @@ def write_outputs(results: dict, out: str | Path) -> str:
     per_scene = results["per_scene"]
     cols = list(dict.fromkeys(k for r in per_scene for k in r))
     _write_csv(out / "per_scene.csv", per_scene, cols)
-    (out / "results.json").write_text(json.dumps(_json_safe(results), indent=2))
+    save_results(results, out)
     (out / "table.txt").write_text(table + "\n")
     plot(results).savefig(out / "bench.png", dpi=110)
     return table

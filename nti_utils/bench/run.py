@@ -19,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import platform
+import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from nti_utils.bench.config import (
 from nti_utils.bench.measure import CPU_MEMORY_KIND, CUDA_MEMORY_KIND, measure
 from nti_utils.bench.methods import DIRECT, SHORT_STEP_SCALE, Method, methods
 from nti_utils.bench.reference import reference_null_text_inversion
-from nti_utils.bench.report import summarize
+from nti_utils.bench.report import run_label, summarize
 from nti_utils.images import image_to_latents, latents_to_pil, model_resolution
 from nti_utils.inversion import batched_null_text_inversion, reconstruct
 from nti_utils.metrics import psnr, ssim, vae_bound
@@ -98,21 +99,21 @@ def _cost(m, share: int = 1) -> dict:
     }
 
 
-def evaluate(pipe, method: Method, items: list[BenchScene], cfg: BenchConfig) -> list[dict]:
-    """Invert `items` with `method` (measured per image, or per batch), then score each."""
-    rows = []
+def evaluate(pipe, method: Method, items: list[BenchScene], cfg: BenchConfig) -> Iterator[dict]:
+    """Invert `items` with `method` (measured per image, or per batch) and score each; yields each
+    scene's row as soon as it is scored (a batched method's after the whole batch)."""
     if method.batched:
         images = [it.scene.render() for it in items]
         prompts = [it.scene.caption() for it in items]
         with measure(pipe.unet) as m:
             results = method.invert(pipe, images, prompts, [it.seed for it in items])
         cost = _cost(m, len(items))
-        return [score(pipe, method, it, r, cost, cfg) for it, r in zip(items, results)]
+        yield from (score(pipe, method, it, r, cost, cfg) for it, r in zip(items, results))
+        return
     for it in items:
         with measure(pipe.unet) as m:
             result = method.invert(pipe, it.scene.render(), it.scene.caption(), it.seed)
-        rows.append(score(pipe, method, it, result, _cost(m), cfg))
-    return rows
+        yield score(pipe, method, it, result, _cost(m), cfg)
 
 
 def run(
@@ -120,15 +121,20 @@ def run(
     progress: bool = True,
     on_batch: Callable[[dict], None] | None = None,
     resume: dict | None = None,
+    on_row: Callable[[dict], None] | None = None,
 ) -> dict:
     """Run the benchmark; returns per-scene rows, the summary table and the run's context.
 
     Scenes are taken in batches of `cfg.batch`; within a batch every method runs in turn (so slow
     drifts of the machine's speed hit all methods alike), per image or, for ours, on the batch.
-    `on_batch`, if given, gets the results so far after every batch (the command line writes them,
-    so that an interrupted run leaves its finished batches behind). `resume`: the saved results of
-    an interrupted run of the same configuration and model (:func:`previous_results`); the batches
-    its rows cover completely are kept, not run again.
+    `on_batch`, if given, gets the results so far after every batch (the command line writes all
+    its outputs then), and `on_row` after every scored row, i.e. after each scene of a method that
+    inverts one image per call and after each batch of a batched one (the command line saves
+    ``results.json`` then, so that an interrupted run loses at most the method it was measuring on
+    one scene). `resume`: the saved results of an interrupted run of the same configuration and
+    model (:func:`previous_results`); its rows are kept, and only the missing (method, scene) pairs
+    run (a batched method's whole batch when any of its scenes is missing, since it is measured per
+    batch).
 
     Raises:
         ValueError: `resume` was measured on another model, or with other edit settings or
@@ -147,8 +153,9 @@ def run(
     batches = [items[k : k + cfg.batch] for k in range(0, len(items), cfg.batch)]
     bar = tqdm(total=len(batches) * len(all_methods), desc="benchmark", disable=not progress)
     done = resume["per_scene"] if resume else []
+    ctx = _context(pipe)  # once, at the start: its date and commit are this run's
     if resume:
-        then, now = resume["context"], _context(pipe)
+        then, now = resume["context"], ctx
         for key, what in (
             ("model_fingerprint", "model weights"),
             ("edit_recipes", "edit settings"),
@@ -156,28 +163,30 @@ def run(
         ):
             if then.get(key) != now[key]:
                 raise ValueError(f"--resume: the saved run used other {what}; pass --overwrite")
-    have = {(r["method"], r["seed"]) for r in done}
+    have = {(r["method"], r["seed"]): r for r in done}
     earlier = (
-        [*resume["context"].get("resumed_from", []), resume["context"]["date"]] if resume else []
+        [*resume["context"].get("resumed_from", []), run_label(resume["context"])] if resume else []
     )
     for batch in batches:
-        plan = [(m, [it for it in batch if _runs_on(m, it, cfg)]) for m in all_methods]
-        if all((m.name, it.seed) in have for m, mine in plan for it in mine):
-            seeds = {it.seed for it in batch}
-            rows += [r for r in done if r["seed"] in seeds]
-            bar.update(len(all_methods))
-            continue
         vae = {it.seed: vae_bound(pipe, it.scene.render()) for it in batch}
-        for method, mine in plan:
-            for row in evaluate(pipe, method, mine, cfg) if mine else []:
+        for method in all_methods:
+            mine = [it for it in batch if _runs_on(method, it, cfg)]
+            todo = [it for it in mine if (method.name, it.seed) not in have]
+            if method.batched and todo:
+                todo = mine  # measured per batch: a batch is run whole or kept whole
+            running = {it.seed for it in todo}
+            rows += [have[method.name, it.seed] for it in mine if it.seed not in running]
+            for row in evaluate(pipe, method, todo, cfg) if todo else []:
                 row["vae_bound"] = vae[row["seed"]]
                 row["gap_to_vae"] = row["vae_bound"] - row["psnr"]
                 rows.append(row)
+                if on_row is not None:
+                    on_row(_results(cfg, pipe, ctx, all_methods, rows, earlier))
             bar.update()
         if on_batch is not None and batch is not batches[-1]:
-            on_batch(_results(cfg, pipe, all_methods, rows, earlier))
+            on_batch(_results(cfg, pipe, ctx, all_methods, rows, earlier))
     bar.close()
-    return _results(cfg, pipe, all_methods, rows, earlier)
+    return _results(cfg, pipe, ctx, all_methods, rows, earlier)
 
 
 def _runs_on(method: Method, item: BenchScene, cfg: BenchConfig) -> bool:
@@ -189,10 +198,16 @@ def _runs_on(method: Method, item: BenchScene, cfg: BenchConfig) -> bool:
 
 
 def _results(
-    cfg: BenchConfig, pipe, all_methods: list[Method], rows: list[dict], earlier: list[str]
+    cfg: BenchConfig,
+    pipe,
+    ctx: dict,
+    all_methods: list[Method],
+    rows: list[dict],
+    earlier: list[str],
 ) -> dict:
-    """Summary, performance target and context of the per-scene `rows` measured so far;
-    `earlier`: start dates of the interrupted runs this one resumed."""
+    """Summary, performance target and context (`ctx`, :func:`_context` at the run's start) of
+    the per-scene `rows` measured so far; `earlier`: the interrupted runs this one resumed (start
+    date and commit, :func:`~nti_utils.bench.report.run_label`)."""
     names = [m.name for m in all_methods]
     base = []
     if cfg.ablations:  # the library's and ours' rows again, on the ablation scenes: baselines
@@ -208,7 +223,7 @@ def _results(
     summary = summarize(rows + base, names)
     return {
         "config": dataclasses.asdict(cfg),
-        "context": _context(pipe) | ({"resumed_from": earlier} if earlier else {}),
+        "context": ctx | ({"resumed_from": earlier} if earlier else {}),
         "memory_kind": CUDA_MEMORY_KIND if pipe.unet.device.type == "cuda" else CPU_MEMORY_KIND,
         "summary": summary,
         "targets": targets(summary),
@@ -303,12 +318,29 @@ def _context(pipe) -> dict:
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _commit(),
         "edit_recipes": {k: dataclasses.asdict(r) for k, r in RECIPES.items()},
         "ours_step_scale": SHORT_STEP_SCALE,
     }
     if unet.device.type == "cuda":
         ctx["gpu"] = torch.cuda.get_device_name(unet.device)
     return ctx
+
+
+def _commit() -> str | None:
+    """The checkout's commit (``+dirty`` with uncommitted changes), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}+dirty" if head and dirty else head or None
 
 
 def previous_results(out: Path, cfg: BenchConfig) -> dict:
