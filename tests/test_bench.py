@@ -281,6 +281,14 @@ def test_rows_text_prints_the_named_rows_from_a_saved_run(quick):
     assert lines[0].startswith("method") and "PSNR" in lines[0]
     assert lines[2].startswith(bench.OURS) and lines[3].startswith(bench.REFERENCE)
     assert len(lines) == 4
+    # without the machine's timings (as the notebooks print them): the other columns unchanged
+    plain = report.rows_text(results, [bench.OURS, bench.REFERENCE], timings=False).splitlines()
+    assert "wall s" not in plain[0] and "mem MB" not in plain[0] and "bwd" in plain[0]
+    assert "wall s" in lines[0]
+    for full, short in zip(lines[2:], plain[2:]):
+        assert (
+            set(short.split()) <= set(full.split()) and len(short.split()) == len(full.split()) - 4
+        )
     with pytest.raises(KeyError, match="no benchmark rows"):
         report.rows_text(results, ["no such method"])
 

@@ -52,13 +52,19 @@ def test_the_embedded_captioner_missing_says_how_to_get_it(tmp_path, monkeypatch
         load_captioner("toy")
 
 
-def test_the_embedded_captioner_reads_held_out_scenes_of_both_renderers():
+def test_the_embedded_captioner_reads_held_out_scenes_of_both_renderers(capfd):
     from nti_utils.shapes.seeds import REDRAWN
 
     toy = load_captioner("toy", device="cpu")
     assert type(toy.model.encoder).__name__ == "SegformerModel" and toy.name == "toy"
     renders = [scene_from_seed(CAPTIONER_CHECK + i, 1) for i in range(10)]
     assert toy([s.render() for s in renders]) == [s.caption() for s in renders]
+    assert capfd.readouterr().err == ""  # no warning from generate (e.g. about its lengths)
+    # generate() alone stays inside the decoder's positions, without a warning either
+    pixels = toy.image_processor(images=[renders[0].render()], return_tensors="pt").pixel_values
+    ids = toy.model.generate(pixel_values=pixels)
+    assert ids.shape[1] <= toy.model.config.decoder.n_positions
+    assert capfd.readouterr().err == ""
     # drawn by the second renderer (never trained on); the model card's misses there (6 of 300)
     # are all two-object scenes
     drawn = [scene_from_seed(REDRAWN + i, 1) for i in range(10)]

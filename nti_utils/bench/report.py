@@ -149,18 +149,30 @@ def _kinds_table(results: dict) -> list[str]:
     return lines
 
 
-def _summary_lines(summary: list[dict]) -> list[str]:
+TIMING_COLUMNS = ("wall_s", "rec_wall_s", "cpu_s", "peak_mem_mb")
+"""The table's columns that depend on the machine and its load (the others are the same on every
+run of the same code, model and scenes)."""
+
+
+def _summary_lines(summary: list[dict], columns: tuple[str, ...] | None = None) -> list[str]:
+    table = [c for c in _TABLE if columns is None or c[0] in columns]
     name_w = max(len(r["method"]) for r in summary) + 2
-    head = f"{'method':<{name_w}}{'n':>4}" + "".join(f"{h:>{w}}" for _, h, w, _ in _TABLE)
+    head = f"{'method':<{name_w}}{'n':>4}" + "".join(f"{h:>{w}}" for _, h, w, _ in table)
     lines = [head, "-" * len(head)]
     for r in summary:
-        cells = "".join(f"{_fmt(r[k], f):>{w}}" for k, _, w, f in _TABLE)
+        cells = "".join(f"{_fmt(r[k], f):>{w}}" for k, _, w, f in table)
         lines.append(f"{r['method']:<{name_w}}{r['n']:>4}{cells}")
     return lines
 
 
-def load_results(path: str | Path) -> dict:
-    """A benchmark run's ``results.json`` (as :func:`write_outputs` wrote it).
+COMMITTED_RESULTS = Path(__file__).resolve().parents[2] / "data" / "benchmark" / "results.json"
+"""The benchmark run committed with the course (``data/benchmark``, the README's table): the
+notebooks print its rows next to their single-scene results."""
+
+
+def load_results(path: str | Path = COMMITTED_RESULTS) -> dict:
+    """A benchmark run's ``results.json`` (as :func:`write_outputs` wrote it), by default the
+    committed run's (:data:`COMMITTED_RESULTS`).
 
     Raises:
         FileNotFoundError: no such file; run ``python -m nti_utils.bench`` to make one.
@@ -177,9 +189,11 @@ def load_results(path: str | Path) -> dict:
     return results
 
 
-def rows_text(results: dict, methods: list[str]) -> str:
+def rows_text(results: dict, methods: list[str], timings: bool = True) -> str:
     """The table's rows for `methods` only (in that order), with its header: the many-scene
-    numbers to print next to a single-scene result.
+    numbers to print next to a single-scene result. ``timings=False`` leaves out the columns that
+    depend on the machine (:data:`TIMING_COLUMNS`), as a notebook does, whose checked outputs must
+    not change when the run is measured again elsewhere.
 
     Raises:
         KeyError: a method the run has no row for (the message lists the rows it has).
@@ -189,7 +203,8 @@ def rows_text(results: dict, methods: list[str]) -> str:
     if missing:
         raise KeyError(f"no benchmark rows {missing}; the run has {list(by_name)}")
     summary = [{k: (math.nan if v is None else v) for k, v in by_name[m].items()} for m in methods]
-    return "\n".join(_summary_lines(summary))
+    columns = None if timings else tuple(c for c, *_ in _TABLE if c not in TIMING_COLUMNS)
+    return "\n".join(_summary_lines(summary, columns))
 
 
 def run_label(ctx: dict) -> str:

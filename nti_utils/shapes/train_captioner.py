@@ -129,8 +129,10 @@ def build_captioner(cfg: CaptionerConfig) -> tuple[VisionEncoderDecoderModel, ob
     model.generation_config.bos_token_id = tok.bos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    # generate() alone (without nti_utils.caption) must not run past the decoder's positions
-    model.generation_config.max_length = MAX_CAPTION_TOKENS
+    # generate() alone (without nti_utils.caption) must not run past the decoder's positions (the
+    # decoder start token takes one); max_new_tokens rather than max_length, which generate() warns
+    # about whenever a caller also passes max_new_tokens, as nti_utils.caption does
+    model.generation_config.max_new_tokens = MAX_CAPTION_TOKENS - 1
     processor = ViTImageProcessor(
         size={"height": RESOLUTION, "width": RESOLUTION},
         image_mean=[0.5, 0.5, 0.5],
