@@ -226,3 +226,15 @@ def fixed_captioner(tokenizer, text: str, size: int):
 
     processor = ViTImageProcessor(size={"height": size, "width": size})
     return Captioner(FixedCaptions(tokenizer, text), processor, tokenizer, "fixed")
+
+
+SAME_RUN_ATOL = 1e-4
+"""How far two runs of the same computation may differ and still count as the same (latents of
+order 1): float32 rounding that depends on the kernel, which depends on the batch size, the memory
+layout of the inputs, the attention processor and the CPU, and grows over a sampler's steps (1e-6
+to 2e-5 measured on the CPUs at hand). A broken step, controller or loader is off by 1e-2 or more."""
+
+
+def assert_same_run(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Assert two tensors are the same computation's result up to :data:`SAME_RUN_ATOL`."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=SAME_RUN_ATOL)

@@ -291,6 +291,10 @@ def test_rows_text_prints_the_named_rows_from_a_saved_run(quick):
         )
     with pytest.raises(KeyError, match="no benchmark rows"):
         report.rows_text(results, ["no such method"])
+    # a saved run's missing numbers (null in JSON: a method that does not edit) read back as NaN,
+    # so the figure can be drawn again from the file
+    assert any(math.isnan(r["edit_success"]) for r in results["summary"])
+    assert len(report.plot(results).axes) == 3
 
 
 def test_load_results_says_what_is_wrong(tmp_path):

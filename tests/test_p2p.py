@@ -19,6 +19,7 @@ from nti_utils.local_blend import LocalBlend
 from nti_utils.models import embed_prompts
 from nti_utils.p2p import Refine, Replace, Reweight, equalizer
 from nti_utils.result import InversionSettings
+from nti_utils.testing import assert_same_run
 
 SRC = "a red circle on a white background"
 SWAP = "a red square on a white background"
@@ -50,15 +51,15 @@ def test_controller_that_edits_nothing_reproduces_the_sampler(tiny_pipe, inverte
     prompts = [SRC, SWAP]
     ref = _plain(tiny_pipe, inverted, prompts)
     out = edit(tiny_pipe, inverted, prompts, progress=False)  # AttentionStore: records only
-    assert (out.latents - ref).abs().max().item() < 1e-5
+    assert_same_run(out.latents, ref)
     everything = RecordEverything()
     out2 = edit(tiny_pipe, inverted, prompts, controller=everything, progress=False)
-    assert (out2.latents - ref).abs().max().item() < 1e-5
+    assert_same_run(out2.latents, ref)
     zero_window = Replace(
         tiny_pipe.tokenizer, prompts, STEPS, cross_replace_steps=0.0, self_replace_steps=0.0
     )
     out3 = edit(tiny_pipe, inverted, prompts, controller=zero_window, progress=False)
-    assert (out3.latents - ref).abs().max().item() < 1e-5
+    assert_same_run(out3.latents, ref)
 
 
 def test_store_maps_sum_to_one_at_the_models_resolutions(tiny_pipe, inverted):
@@ -129,8 +130,8 @@ def test_replace_gives_targets_the_source_cross_attention(tiny_pipe, inverted):
     maps = ctrl.maps(16)
     torch.testing.assert_close(maps[1], maps[0])
     ref = _plain(tiny_pipe, inverted, [SRC, SWAP])
-    assert (out.latents[1] - ref[1]).abs().max() > 1e-4  # the target changed
-    torch.testing.assert_close(out.latents[0], ref[0], atol=1e-5, rtol=0)  # the source did not
+    assert (out.latents[1] - ref[1]).abs().max() > 1e-2  # the target changed
+    assert_same_run(out.latents[0], ref[0])  # the source did not
 
 
 def test_reweight_composes_with_refine_and_local_blend(tiny_pipe, inverted):
@@ -310,8 +311,8 @@ def test_reweight_without_a_base_scales_the_source_maps_as_the_original(tiny_pip
     maps = ctrl.maps(16)  # what was used, averaged: the target's are the source's times eq
     torch.testing.assert_close(maps[1], maps[0] * eq[0])
     ref = _plain(tiny_pipe, inverted, prompts)
-    assert (out.latents[1] - ref[1]).abs().max() > 1e-4
-    torch.testing.assert_close(out.latents[0], ref[0], atol=1e-5, rtol=0)
+    assert (out.latents[1] - ref[1]).abs().max() > 1e-2
+    assert_same_run(out.latents[0], ref[0])
 
 
 def test_reweight_with_a_base_keeps_its_arguments_and_changes_nothing(tiny_pipe):
@@ -363,10 +364,10 @@ def test_fused_self_attention_injection_equals_the_materialized_one(tiny_pipe, i
     explicit = Replace(tok, prompts, STEPS, materialize_self=True, **kw)
     a = edit(tiny_pipe, inverted, prompts, fused, progress=False).latents
     b = edit(tiny_pipe, inverted, prompts, explicit, progress=False).latents
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_run(a, b)
     none = Replace(tok, prompts, STEPS, cross_replace_steps=0.5, self_replace_steps=0.0)
     c = edit(tiny_pipe, inverted, prompts, none, progress=False).latents
-    assert (a[1] - c[1]).abs().max() > 1e-4  # the injection did something
+    assert (a[1] - c[1]).abs().max() > 1e-2  # the injection did something
     # fused, only cross-attention probabilities were materialized
     assert handed and all(handed)
 

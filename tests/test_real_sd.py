@@ -25,7 +25,12 @@ from nti_utils.models import embed_prompts, load_pipeline, scheduler_hash, sd_dd
 from nti_utils.p2p import Replace
 from nti_utils.result import InversionSettings
 from nti_utils.sampling import generate
-from nti_utils.testing import SD2_SCHEDULER_CONFIG, tiny_pipeline, tiny_sd2_pipeline
+from nti_utils.testing import (
+    SD2_SCHEDULER_CONFIG,
+    assert_same_run,
+    tiny_pipeline,
+    tiny_sd2_pipeline,
+)
 
 PROMPT = "a red circle on a white background"
 PROMPTS = [PROMPT, "a blue square on a black background"]
@@ -96,7 +101,7 @@ def test_generate_equals_diffusers_on_a_v_prediction_checkpoint(sd2, sd2_folder,
     ours = generate(
         sd2, PROMPTS, 10, guidance, generator=torch.Generator().manual_seed(0), progress=False
     ).output.latents
-    assert (ours - ref).abs().max().item() < 1e-5
+    assert_same_run(ours, ref)
     # reading v as ε (the old behaviour) is far off: the comparison can tell
     as_eps = dataclasses.replace(
         DDIMSchedule.from_scheduler(sd2.scheduler, 10), prediction_type="epsilon"
@@ -147,7 +152,7 @@ def test_null_text_beats_ddim_at_guidance_on_v_prediction(sd2, sd2_z0):
     ctrl = Replace(sd2.tokenizer, [PROMPT, PROMPT], 10, cross_replace_steps=0.0)
     out = edit(sd2, nti, [PROMPT, PROMPT], ctrl, progress=False)
     rec = reconstruct(sd2, nti, progress=False)
-    torch.testing.assert_close(out.latents[:1], rec, atol=1e-5, rtol=0)
+    assert_same_run(out.latents[:1], rec)
 
 
 def test_unsupported_prediction_type_is_refused(tmp_path):

@@ -31,7 +31,7 @@ from nti_utils.p2p import Replace
 from nti_utils.result import InversionSettings, check_compatible
 from nti_utils.sampling import generate
 from nti_utils.storage import load_inversion, save_inversion
-from nti_utils.testing import SDXL_POOLED_DIM, tiny_pipeline, tiny_sdxl_pipeline
+from nti_utils.testing import SDXL_POOLED_DIM, assert_same_run, tiny_pipeline, tiny_sdxl_pipeline
 
 PROMPT = "a red circle on a white background"
 SWAP = "a red square on a white background"
@@ -195,7 +195,7 @@ def test_save_and_load_round_trip(sdxl, inverted, tmp_path):
     assert torch.equal(back.null_embeddings, inverted.null_embeddings)
     assert torch.equal(back.latent_T, inverted.latent_T)
     assert back.model_fingerprint == model_fingerprint(sdxl)
-    torch.testing.assert_close(
+    assert_same_run(
         reconstruct(sdxl, back, progress=False), reconstruct(sdxl, inverted, progress=False)
     )
     with pytest.raises(ValueError, match="does not match the pipeline"):
@@ -210,7 +210,7 @@ def test_attention_store_reproduces_the_sampler_and_a_word_swap_edits(sdxl, inve
     cond = embed_prompts(sdxl, prompts)
     ref = sample(sdxl.unet, z, cond, sched, 7.5, inverted.uncond_per_step(), progress=False)
     store = edit(sdxl, inverted, prompts, AttentionStore(), progress=False)
-    assert (store.latents - ref.latents).abs().max().item() < 1e-5
+    assert_same_run(store.latents, ref.latents)
     L = sdxl.tokenizer.model_max_length
     maps = store.controller.maps(8)
     assert maps.shape == (2, 8, 8, L)  # the real token count: the row token is not attended
@@ -219,9 +219,9 @@ def test_attention_store_reproduces_the_sampler_and_a_word_swap_edits(sdxl, inve
     out = edit(sdxl, inverted, prompts, ctrl, progress=False)
     assert len(out.images) == 2
     rec = reconstruct(sdxl, inverted, progress=False)
-    torch.testing.assert_close(out.latents[:1], rec, atol=1e-5, rtol=0)  # source kept
+    assert_same_run(out.latents[:1], rec)  # source kept
     assert (out.latents[1] - out.latents[0]).abs().max().item() > 1e-3  # target changed
-    assert (out.latents[1] - store.latents[1]).abs().max().item() > 1e-4  # the control acted
+    assert (out.latents[1] - store.latents[1]).abs().max().item() > 1e-2  # the control acted
 
 
 # ------------------------------------------------------------------------------ half precision

@@ -186,6 +186,10 @@ def load_results(path: str | Path = COMMITTED_RESULTS) -> dict:
     results = json.loads(path.read_text())
     if not isinstance(results, dict) or not {"summary", "per_scene", "config"} <= set(results):
         raise ValueError(f"{path} is not a benchmark's results.json (no summary/per_scene/config)")
+    # JSON has no NaN: the file stores a missing number (a method that does not edit) as null
+    results["summary"] = [
+        {k: (math.nan if v is None else v) for k, v in row.items()} for row in results["summary"]
+    ]
     return results
 
 
@@ -202,7 +206,7 @@ def rows_text(results: dict, methods: list[str], timings: bool = True) -> str:
     missing = [m for m in methods if m not in by_name]
     if missing:
         raise KeyError(f"no benchmark rows {missing}; the run has {list(by_name)}")
-    summary = [{k: (math.nan if v is None else v) for k, v in by_name[m].items()} for m in methods]
+    summary = [by_name[m] for m in methods]
     columns = None if timings else tuple(c for c, *_ in _TABLE if c not in TIMING_COLUMNS)
     return "\n".join(_summary_lines(summary, columns))
 
