@@ -149,7 +149,7 @@ def test_config_is_validated():
         bench.BenchConfig(batch=0)
 
 
-def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
+def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path, monkeypatch):
     _, out = quick
     model = tmp_path / "model"
     tiny_pipeline().save_pretrained(model)
@@ -159,6 +159,7 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
     # first scene and (a row that cannot be saved alone, to check what resuming does with it)
     # ours' batch on that scene only
     flags = ["--quick", "--model", str(model), "--scenes", "2", "--batch", "2", "--no-ablations"]
+    flags += ["--steps", "3"]  # fewer than --quick's, to keep the test short
     flags += ["--no-progress", "--out", str(tmp_path / "run")]
     full = bench.main(flags)
     path = tmp_path / "run" / "results.json"
@@ -178,7 +179,15 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path):
     with pytest.raises(ValueError, match="optimizer schedule"):
         bench.main([*flags, "--resume"])
     path.write_text(json.dumps(saved))
+    saves = []  # what each save of the resumed run held: the kept rows from the first save on
+
+    def save(partial, out):
+        saves.append({(r["method"], r["seed"]) for r in partial["per_scene"]})
+        report.save_results(partial, out)
+
+    monkeypatch.setattr(bench.cli, "save_results", save)
     resumed = bench.main([*flags, "--resume"])
+    assert saves and all(kept_pairs <= pairs for pairs in saves)
     pairs = [(r["method"], r["seed"]) for r in resumed["per_scene"]]
     assert sorted(pairs) == sorted((r["method"], r["seed"]) for r in full["per_scene"])
     wall = {(r["method"], r["seed"]): r["wall_s"] for r in resumed["per_scene"]}

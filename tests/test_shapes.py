@@ -130,6 +130,8 @@ def test_training_runs_end_to_end_and_resumes(tmp_path):
         "2",
         "--unet-steps",
         "2",
+        "--eval-steps",
+        "2",
         "--sample-every",
         "2",
         "--ckpt-every",

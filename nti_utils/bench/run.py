@@ -131,7 +131,8 @@ def run(
     its outputs then), and `on_row` after every scored row, i.e. after each scene of a method that
     inverts one image per call and after each batch of a batched one (the command line saves
     ``results.json`` then, so that an interrupted run loses at most the method it was measuring on
-    one scene). `resume`: the saved results of an interrupted run of the same configuration and
+    one scene); what it gets holds the resumed run's kept rows too, also those of scenes the loop
+    has not reached yet. `resume`: the saved results of an interrupted run of the same configuration and
     model (:func:`previous_results`); its rows are kept, and only the missing (method, scene) pairs
     run (a batched method's whole batch when any of its scenes is missing, since it is measured per
     batch).
@@ -180,8 +181,10 @@ def run(
                 row["vae_bound"] = vae[row["seed"]]
                 row["gap_to_vae"] = row["vae_bound"] - row["psnr"]
                 rows.append(row)
-                if on_row is not None:
-                    on_row(_results(cfg, pipe, ctx, all_methods, rows, earlier))
+                if on_row is not None:  # with the kept rows the loop has not reached yet
+                    seen = {(r["method"], r["seed"]) for r in rows}
+                    kept = [r for r in done if (r["method"], r["seed"]) not in seen]
+                    on_row(_results(cfg, pipe, ctx, all_methods, rows + kept, earlier))
             bar.update()
         if on_batch is not None and batch is not batches[-1]:
             on_batch(_results(cfg, pipe, ctx, all_methods, rows, earlier))

@@ -94,6 +94,7 @@ class TrainConfig:
     p_wrong_background: float | None = None  # None: background words use p_wrong too
     attn_weight: float = 0.0
     sample_every: int = 500
+    eval_steps: int = 25  # DDIM steps of the adherence check every sample_every steps
     ckpt_every: int = 100
     seed: int = 0
 
@@ -353,7 +354,7 @@ class Trainer:
         )
 
     def quick_eval(self, bar: tqdm, guidances: tuple[float, ...] = (1.0, 7.5)) -> None:
-        """Sample the 45 single-object prompts (25 DDIM steps) at each guidance scale, score them
+        """Sample the 45 single-object prompts (``eval_steps`` DDIM steps) at each guidance scale, score them
         (background, color, shape, all right) and, at the last scale, the shape word's
         cross-attention mass inside the object (at the resolution P2P reads); save that grid."""
         pipe = self.pipeline()
@@ -364,7 +365,7 @@ class Trainer:
                 out = generate(
                     pipe,
                     prompts,
-                    25,
+                    self.tcfg.eval_steps,
                     guidance,
                     torch.Generator().manual_seed(0),
                     controller=store,
@@ -425,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         "vae_batch",
         "unet_batch",
         "sample_every",
+        "eval_steps",
         "ckpt_every",
         "unet_lr",
         "warmup",
