@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -382,7 +383,9 @@ def load_pipeline(
     else:
         source = Path(model).expanduser() if local else model
     try:
-        index = StableDiffusionPipeline.load_config(source, local_files_only=not allow_download)
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
+            warnings.filterwarnings("ignore", "The `local_dir_use_symlinks` argument is deprecated")
+            index = StableDiffusionPipeline.load_config(source, local_files_only=not allow_download)
         if is_sdxl_index(index):
             cls, options = StableDiffusionXLPipeline, dict(add_watermarker=False)
         else:

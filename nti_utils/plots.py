@@ -7,8 +7,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+from matplotlib.transforms import Bbox
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
@@ -152,6 +154,7 @@ def labelled_scatter(
     logx: bool = False,
     hlines: dict[str, float] | None = None,
     size: tuple[float, float] = (6.0, 3.6),
+    legend: bool = False,
 ) -> Figure:
     """One labelled point per name, e.g. a method's cost (x) against its quality (y): a Pareto view.
 
@@ -159,19 +162,29 @@ def labelled_scatter(
         points (`dict[str, tuple[float, float]]`): name -> (x, y).
         logx (`bool`, defaults to `False`): logarithmic x axis (costs that differ by factors).
         hlines (`dict[str, float]`, *optional*): labelled horizontal reference lines (a bound).
+        legend (`bool`, defaults to `False`): name the points in a legend beside the axes instead
+            of next to each point (for many points close together); the colors follow the order
+            of `points`, so two figures of the same names match.
     """
     fig = Figure(figsize=size)
+    FigureCanvasAgg(fig)  # a renderer, to measure the labels
     ax = fig.subplots()
-    # labels above and below their points in turn, from left to right, so that neighbours along x
-    # do not overlap; each label starts (left half) or ends (right half) at its point, so that it
-    # stays inside the axes and next to its own point
-    by_x = sorted(points, key=lambda name: points[name][0])
     for name, (x, y) in points.items():
-        ax.scatter([x], [y], s=30)
-        k = by_x.index(name)
+        ax.scatter([x], [y], s=30, label=name)
+    if legend:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5), frameon=False)
+    # else each label starts (left half) or ends (right half) at its point, so that it stays inside
+    # the axes and next to its own point; from left to right, each goes above or below its point,
+    # farther out where it would overlap a marker or a label placed before it
+    by_x = [] if legend else sorted(points, key=lambda name: points[name][0])
+    labels = []
+    for k, name in enumerate(by_x):
         dx, ha = (5, "left") if 2 * k < len(by_x) else (-5, "right")
-        dy = (6, -12)[k % 2]
-        ax.annotate(name, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=8, ha=ha)
+        labels.append(
+            ax.annotate(
+                name, points[name], xytext=(dx, 6), textcoords="offset points", fontsize=8, ha=ha
+            )
+        )
     _reference_lines(ax, hlines)
     if logx:  # ticks at 1, 2 and 5 times the powers of ten, written out
         ax.set_xscale("log")
@@ -185,7 +198,24 @@ def labelled_scatter(
         ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    markers = [Bbox.from_bounds(*(ax.transData.transform(xy) - 4), 8, 8) for xy in points.values()]
+    _spread_labels(labels, fig.canvas.get_renderer(), markers)
     return fig
+
+
+def _spread_labels(labels: list, renderer, markers: list) -> None:
+    """Give each label (in order) the first vertical offset, in points, at which its box overlaps
+    none of the markers and none of the labels before it: above its point, below, then farther out
+    in turn."""
+    placed = list(markers)
+    for label in labels:
+        dx = label.xyann[0]
+        for dy in (6, -12, 16, -22, 26, -32, 36, -42):
+            label.xyann = (dx, dy)
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(box)
 
 
 def word_attention_maps(

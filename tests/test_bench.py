@@ -306,6 +306,27 @@ def test_rows_text_prints_the_named_rows_from_a_saved_run(quick):
     assert len(report.plot(results).axes) == 3
 
 
+def test_kinds_text_prints_the_named_methods_edits_by_kind(quick):
+    _, out = quick
+    results = report.load_results(out / "results.json")
+    lines = report.kinds_text(results, [bench.REFERENCE, bench.OURS]).splitlines()
+    assert lines[0].startswith("edits by kind") and len(lines) == 4
+    assert lines[2].startswith(bench.REFERENCE) and lines[3].startswith(bench.OURS)
+    # each kind's cells: scenes, success rate, share >= 25 dB outside, mean outside, from per_scene
+    mine = [r for r in results["per_scene"] if r["method"] == bench.OURS]
+    kinds = list(dict.fromkeys(r["edit_kind"] for r in mine))
+    cells = lines[3][len(bench.OURS) :].split()
+    for k, kind in enumerate(kinds):
+        of_kind = [r for r in mine if r["edit_kind"] == kind]
+        assert int(cells[4 * k]) == len(of_kind)
+        assert float(cells[4 * k + 1]) == pytest.approx(
+            np.mean([r["edit_success"] for r in of_kind]), abs=0.005
+        )
+    assert report.kinds_text(results) in report.format_table(results)
+    with pytest.raises(KeyError, match="no edit rows"):
+        report.kinds_text(results, ["no such method"])
+
+
 def test_load_results_says_what_is_wrong(tmp_path):
     with pytest.raises(FileNotFoundError, match="python -m nti_utils.bench"):
         report.load_results(tmp_path / "results.json")

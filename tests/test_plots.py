@@ -61,3 +61,16 @@ def test_labelled_scatter_puts_each_name_at_its_point():
     labels = {t.get_text(): t.xy for t in ax.texts}
     assert labels == {"a": (10, 30.0), "b": (100, 20.0)}
     assert ax.get_xscale() == "log"
+
+
+def test_labelled_scatter_labels_do_not_overlap_and_a_legend_names_crowded_points():
+    crowded = {f"method number {k}": (100 + 20 * k, 35.0 - 0.01 * k) for k in range(6)}
+    fig = labelled_scatter(crowded, "UNet rows", "PSNR", logx=True, hlines={"bound": 35.0})
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in fig.axes[0].texts if t.get_text() in crowded]
+    assert len(boxes) == len(crowded)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    fig = labelled_scatter(crowded, "UNet rows", "PSNR", legend=True)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(crowded)
+    assert not [t for t in ax.texts if t.get_text() in crowded]

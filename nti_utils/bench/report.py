@@ -127,8 +127,27 @@ def _edited(row: dict) -> bool:
     return v is not None and not math.isnan(float(v))
 
 
-def _kinds_table(results: dict) -> list[str]:
-    rows = edits_by_kind(results["per_scene"], [r["method"] for r in results["summary"]])
+def kinds_text(results: dict, methods: list[str] | None = None) -> str:
+    """The table's "edits by kind" rows for `methods` (in that order; default: every method that
+    edited), with its header: per edit kind the number of scenes, the success rate, the share with
+    >= 25 dB outside the edit region and its mean PSNR there. None of it depends on the machine.
+
+    Raises:
+        KeyError: a method the run has no edits for (the message lists the methods it has).
+    """
+    order = [r["method"] for r in results["summary"]] if methods is None else methods
+    rows = edits_by_kind(results["per_scene"], order)
+    missing = sorted(set(order) - {r["method"] for r in rows})
+    if methods is not None and missing:
+        have = [
+            r["method"]
+            for r in edits_by_kind(results["per_scene"], [r["method"] for r in results["summary"]])
+        ]
+        raise KeyError(f"no edit rows for {missing}; the run has edits for {have}")
+    return "\n".join(_kinds_lines(rows))
+
+
+def _kinds_lines(rows: list[dict]) -> list[str]:
     if not rows:
         return []
     kinds = list(dict.fromkeys(k for r in rows for k in r if k != "method"))
@@ -136,7 +155,7 @@ def _kinds_table(results: dict) -> list[str]:
     head = f"{'edits by kind':<{name_w}}" + "".join(
         f"{k + ' (n, ok, >=25 dB, out dB)':>36}" for k in kinds
     )
-    lines = ["", head, "-" * len(head)]
+    lines = [head, "-" * len(head)]
     for r in rows:
         cells = "".join(
             f"{r[k]['n']:>12d}{r[k]['success']:>7.2f}{r[k]['psnr_outside_ge_25']:>7.2f}"
@@ -243,7 +262,8 @@ def format_table(results: dict) -> str:
         "edit ok: success rate of the intended change (renderer's scorer); tgt dB: PSNR against "
         "the target render; bg dB: PSNR against the input outside the edit region.",
     ]
-    lines += _kinds_table(results)
+    kinds = kinds_text(results)
+    lines += ["", kinds] if kinds else []
     if ctx.get("resumed_from"):
         lines.append(
             f"Resumed run: rows measured in runs started {', '.join(ctx['resumed_from'])} "
