@@ -1,0 +1,44 @@
+"""The suite runs in parallel: pytest-xdist workers (`-n auto --dist loadfile` in pyproject.toml), a
+whole test file or notebook per worker, the cores shared among the workers.
+
+On the CPU much of the embedded model's work is small operations that a second thread hardly speeds
+up: on the 2-core machine one null-text inversion took 28 s with one thread and 30 s with two, and
+two one-thread inversions side by side 30 s each (a batch of 40 UNet rows, on the other hand, runs
+twice as fast on two threads). So each worker gets ``cores // workers`` threads.
+
+Every process the tests start (notebook kernels, the batch runner's processes, JupyterLab's
+kernels) gets one thread, ``OMP_NUM_THREADS=1``, on any machine: the thread count changes float
+reductions, and the notebooks' checked outputs were executed with one thread, so that they
+reproduce whatever the number of cores. `python -m pytest -n 0` runs the tests in one process.
+"""
+
+import os
+
+import pytest
+import torch
+
+MAX_WORKERS = 4  # each worker loads its own models (about 1-2 GB of memory with a notebook kernel)
+
+
+def _cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    return max(1, min(MAX_WORKERS, _cores()))
+
+
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+THREADS = max(1, _cores() // _WORKERS) if _WORKERS else torch.get_num_threads()
+torch.set_num_threads(THREADS)
+os.environ["OMP_NUM_THREADS"] = "1"  # for the processes the tests start (workers set theirs above)
+
+
+@pytest.fixture(autouse=True)
+def _worker_threads():
+    """A test that sets torch's thread count (the batch runner does) leaves the next one its share."""
+    yield
+    if torch.get_num_threads() != THREADS:
+        torch.set_num_threads(THREADS)
