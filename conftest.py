@@ -19,6 +19,22 @@ import torch
 
 MAX_WORKERS = 4  # each worker loads its own models (about 1-2 GB of memory with a notebook kernel)
 
+SLOW_FIRST = (
+    "tests/test_toy_model.py",
+    "notebooks/04_null_text_optimization.ipynb",
+    "notebooks/05_prompt_to_prompt.ipynb",
+    "notebooks/01_ddim_sampling.ipynb",
+    "notebooks/06_ablations_widgets.ipynb",
+    "notebooks/07_after_null_text.ipynb",
+    "notebooks/03_pivotal_inversion.ipynb",
+    "tests/test_bench.py",
+    "notebooks/02_naive_inversion.ipynb",
+    "tests/browser/test_browser_course.py",
+)
+"""The files that took longest (about 1 to 5 minutes each on two workers), longest first: the workers
+take files in collection order (`--no-loadscope-reorder`), so that no long file starts last while
+the other worker has nothing left to do. The other files follow in their usual order."""
+
 
 def _cores() -> int:
     if hasattr(os, "sched_getaffinity"):
@@ -28,6 +44,14 @@ def _cores() -> int:
 
 def pytest_xdist_auto_num_workers(config) -> int:
     return max(1, min(MAX_WORKERS, _cores()))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: a notebook's cells keep their order
 
 
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
