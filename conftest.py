@@ -6,10 +6,11 @@ up: on the 2-core machine one null-text inversion took 28 s with one thread and 
 two one-thread inversions side by side 30 s each (a batch of 40 UNet rows, on the other hand, runs
 twice as fast on two threads). So each worker gets ``cores // workers`` threads.
 
-Every process the tests start (notebook kernels, the batch runner's processes, JupyterLab's
-kernels) gets one thread, ``OMP_NUM_THREADS=1``, on any machine: the thread count changes float
-reductions, and the notebooks' checked outputs were executed with one thread, so that they
-reproduce whatever the number of cores. `python -m pytest -n 0` runs the tests in one process.
+Every process the tests start (nbval's notebook kernels, JupyterLab's kernel in the browser test,
+and any other that does not set its own count; the batch runner sets its own) gets one thread,
+``OMP_NUM_THREADS=1``, on any machine: the thread count changes float reductions, and the
+notebooks' checked outputs were executed with one thread, so that they reproduce whatever the
+number of cores. `python -m pytest -n 0` runs the tests in one process.
 """
 
 import os
