@@ -13,6 +13,7 @@ OUTD=$1
 QUICK=${2:-}
 DEV=cuda TOYS=10 SDS=2 W=320 LAT=64 EXTRA=""
 if [ -n "$QUICK" ]; then DEV=cpu TOYS=2 SDS=1 W=64 LAT=8 EXTRA="--steps 3 --inner-steps 2"; fi
+mkdir -p "$OUTD"
 log=$OUTD/log.txt
 (nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true) | tee "$log"
 python3 -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available() and torch.cuda.get_device_name())" 2>&1 | tee -a "$log"
