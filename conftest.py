@@ -1,10 +1,12 @@
 """The suite runs in parallel: pytest-xdist workers (`-n auto --dist loadfile` in pyproject.toml), a
 whole test file or notebook per worker, the cores shared among the workers.
 
-On the CPU much of the embedded model's work is small operations that a second thread hardly speeds
-up: on the 2-core machine one null-text inversion took 28 s with one thread and 30 s with two, and
-two one-thread inversions side by side 30 s each (a batch of 40 UNet rows, on the other hand, runs
-twice as fast on two threads). So each worker gets ``cores // workers`` threads.
+On the CPU much of the embedded model's work is small operations that a second thread speeds up
+by far less than twice: on the 2-core machine, in the notebooks, a null-text inversion took about
+30 s with one thread and 20 s with two (notebook 4: 31.2 and 21.6 s; notebook 7: 28.0 and 18.4 s),
+and a script timing the inversion alone measured 28 s on one thread and 30 s on two; two one-thread
+inversions side by side took 30 s each: two inversions in the time of one. So the cores are shared among workers rather than
+threads, and each worker gets ``cores // workers`` threads.
 
 Every process the tests start (nbval's notebook kernels, JupyterLab's kernel in the browser test,
 and any other that does not set its own count; the batch runner sets its own) gets one thread,

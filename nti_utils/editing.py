@@ -36,6 +36,10 @@ EDITS = ("replace", "refine")
 """The edits :func:`build_controller` makes: a word swap (:class:`Replace`) or a refinement
 (:class:`Refine`)."""
 
+TARGET_NULLS = ("inverted", "plain")
+"""The null embeddings :func:`edit` can give the target rows: the inversion's ∅_t, or the empty
+prompt's plain ∅."""
+
 
 def build_controller(
     tokenizer: PreTrainedTokenizerBase,
@@ -141,6 +145,7 @@ def edit(
     progress: bool = True,
     allow_other_source: bool = False,
     decode: bool = True,
+    target_null: str = "inverted",
 ) -> EditOutput:
     """Edit an inverted image: sample the source and target prompts in one batch from z̄_T with the
     per-step null embeddings ∅_t and the controller installed, with the sampler the inversion's
@@ -166,6 +171,10 @@ def edit(
         decode (`bool`, defaults to `True`): decode the latents to images with the VAE; with
             `False` only the latents are returned (``images`` is empty), e.g. to measure the
             sampling alone (:mod:`nti_utils.bench.memory`).
+        target_null (`str`, defaults to ``"inverted"``): the null embedding of the target rows:
+            ``"inverted"``, the inversion's ∅_t as for the source row (the paper's edit), or
+            ``"plain"``, the empty prompt's ∅ at every step (an option of ours: the optimized ∅_t
+            were fitted to the source prompt's trajectory; the source row keeps them either way).
 
     Returns:
         :class:`EditOutput`; ``images[0]`` is the source reconstruction.
@@ -173,9 +182,11 @@ def edit(
     Raises:
         TypeError: `prompts` is a string or holds non-strings.
         ValueError: the controller was built for other prompts or steps, ``prompts[0]`` is not
-            the inversion's prompt (unless `allow_other_source`), or the guidance scale is not a
-            finite number.
+            the inversion's prompt (unless `allow_other_source`), the guidance scale is not a
+            finite number, or `target_null` is neither ``"inverted"`` nor ``"plain"``.
     """
+    if target_null not in TARGET_NULLS:
+        raise ValueError(f"target_null must be one of {TARGET_NULLS}, got {target_null!r}")
     check_compatible(inversion, pipe)
     prompts = check_prompts(prompts)
     for k, p in enumerate(prompts):  # characters the tokenizer cannot represent, length
@@ -201,6 +212,7 @@ def edit(
                 f"controller built for {controller.num_steps} steps, inversion has {num_steps}"
             )
     cond = embed_prompts(pipe, prompts)
-    latents = resample(pipe, inversion, cond, w, controller, progress)
+    plain = embed_prompts(pipe, [""]) if target_null == "plain" else None
+    latents = resample(pipe, inversion, cond, w, controller, progress, target_uncond=plain)
     images = latents_to_pil(pipe, latents) if decode else []
     return EditOutput(images, latents, prompts, controller)

@@ -55,6 +55,7 @@ def resample(
     guidance_scale: float,
     controller: AttentionController | None = None,
     progress: bool = True,
+    target_uncond: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample every prompt of `cond` from `result` with the sampler its method needs (see the
     module docstring).
@@ -68,6 +69,9 @@ def resample(
         controller (`AttentionController`, *optional*): installed on the UNet for the run; told
             about it with ``begin(P, (h, w))``, its ``step_end`` is the step callback.
         progress (`bool`, defaults to `True`): show a tqdm bar.
+        target_uncond (`torch.Tensor`, *optional*): a null embedding (1, L', D) for every row but
+            the source's at every step, instead of the result's ∅_t (the source row keeps ∅_t, so
+            it still retraces the image).
 
     Returns:
         `torch.Tensor`: z_0 of each prompt, (P, C, h, w).
@@ -86,6 +90,9 @@ def resample(
     rows = cond.shape[0]
     latents = result.latent_T.to(dev, dtype).expand(rows, -1, -1, -1).clone()
     nulls = [u.to(dev, dtype) for u in result.uncond_per_step()][start:]
+    if target_uncond is not None and rows > 1:
+        others = target_uncond.to(dev, dtype).expand(rows - 1, -1, -1)
+        nulls = [torch.cat([u, others]) for u in nulls]
     callback = None
     if controller is not None:
         controller.begin(rows, tuple(latents.shape[2:]))

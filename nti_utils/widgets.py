@@ -40,6 +40,7 @@ RECIPE_CONTROLS = {
     "blend_threshold": "blend_threshold",
     "blend_finest": "blend_finest",
     "self_replace_finest": "self_replace_finest",
+    "target_null": "target_null",
 }
 """Panel control -> the :class:`~nti_utils.shapes.edits.EditRecipe` field it sets."""
 
@@ -68,6 +69,8 @@ CONTROL_HELP = {
     "(no effect on background swaps)",
     "blend_threshold": "LocalBlend's mask threshold",
     "blend_finest": "build LocalBlend's mask from the finest cross-attention maps",
+    "target_null": "the target row's null embedding: the inversion's ∅_t (the paper's edit) or "
+    "the empty prompt's plain ∅ (the source row keeps ∅_t)",
     "reweight": "factor on the target word's cross-attention (1: none)",
 }
 """One line per control, shown as its tooltip (notebook 6 explains them too)."""
@@ -154,20 +157,21 @@ class AblationPanel:
         def checkbox(desc):
             return W.Checkbox(value=False, description=desc, style=style, layout=layout)
 
+        def dropdown(desc, options):
+            value = options[0][1]
+            return W.Dropdown(
+                options=options, value=value, description=desc, style=style, layout=layout
+            )
+
         options = [
             (f"{c.kind}: {c.source_word} -> {c.target_word} ({i})", i) for i, c in enumerate(cases)
         ]
         inv = InversionSettings()
         self.controls: dict[str, W.Widget] = {
-            "case": W.Dropdown(
-                options=options, value=0, description="edit *", style=style, layout=layout
-            ),
-            "source": W.Dropdown(
-                options=[("the scene's caption", "scene"), ("caption it (captioner)", "captioner")],
-                value="scene",
-                description="source prompt *",
-                style=style,
-                layout=layout,
+            "case": dropdown("edit *", options),
+            "source": dropdown(
+                "source prompt *",
+                [("the scene's caption", "scene"), ("caption it (captioner)", "captioner")],
             ),
             "guidance": slider(
                 W.FloatSlider, "guidance w *", value=inv.guidance_scale, min=1.0, max=12.0, step=0.5
@@ -192,6 +196,9 @@ class AblationPanel:
                 W.FloatSlider, "blend threshold", min=0.05, max=0.95, step=0.05
             ),
             "blend_finest": checkbox("blend on finest maps"),
+            "target_null": dropdown(
+                "target-row ∅", [("inverted ∅_t (paper)", "inverted"), ("plain ∅", "plain")]
+            ),
             "reweight": slider(
                 W.FloatSlider, "target-word weight", value=1.0, min=0.0, max=4.0, step=0.25
             ),
@@ -254,6 +261,7 @@ class AblationPanel:
             blend_threshold=float(c["blend_threshold"].value),
             blend_finest=bool(c["blend_finest"].value),
             self_replace_finest=bool(c["self_replace_finest"].value),
+            target_null=str(c["target_null"].value),
         )
 
     def settings(self) -> InversionSettings:

@@ -11,7 +11,7 @@ import torch
 from nti_utils import bench
 from nti_utils.bench import report
 from nti_utils.bench.measure import measure
-from nti_utils.bench.methods import AFTER_NTI
+from nti_utils.bench.methods import AFTER_NTI, PLAIN_TARGET
 from nti_utils.bench.report import COLUMNS
 from nti_utils.models import frozen
 from nti_utils.testing import tiny_pipeline
@@ -25,6 +25,7 @@ METHODS = [
     bench.OURS,
     bench.OURS_ONE,
     *AFTER_NTI,
+    PLAIN_TARGET,
 ]
 NTI = [bench.REFERENCE, bench.LIBRARY, bench.OURS]
 MEASURES = [c for c in COLUMNS if c not in ("method", "group", "n", "sweep_inner_steps")]
@@ -124,6 +125,14 @@ def test_per_scene_rows(quick):
     # per step and pass: ε(C) and ε(∅) forward, one backward; plus the pivots' DDIM inversion
     assert glob["unet_backward"] == passes * steps
     assert glob["unet_forward"] == 2 * passes * steps + steps
+    # the plain-∅ row: the library's inversion again (the same reconstruction), edited otherwise
+    library = {r["seed"]: r for r in rows if r["method"] == bench.LIBRARY}
+    plain = {r["seed"]: r for r in rows if r["method"] == PLAIN_TARGET}
+    assert plain.keys() == library.keys()
+    for seed, r in plain.items():
+        assert r["psnr"] == pytest.approx(library[seed]["psnr"], abs=1e-3)
+        assert r["unet_backward"] == library[seed]["unet_backward"]
+    assert any(r["edit_psnr_target"] != library[s]["edit_psnr_target"] for s, r in plain.items())
 
 
 def test_measure_counts_unet_rows(tiny_pipe):
@@ -178,7 +187,11 @@ def test_results_are_not_overwritten_and_a_run_resumes(quick, tmp_path, monkeypa
     path.write_text(json.dumps(dict(saved, context=before)))  # a run from before the schedule
     with pytest.raises(ValueError, match="optimizer schedule"):
         bench.main([*flags, "--resume"])
-    path.write_text(json.dumps(saved))
+    # a run saved before a recipe field existed resumes (it was measured at the field's default)
+    recipes = saved["context"]["edit_recipes"]
+    assert all(r["target_null"] == "inverted" for r in recipes.values())
+    older = {k: {f: v for f, v in r.items() if f != "target_null"} for k, r in recipes.items()}
+    path.write_text(json.dumps(dict(saved, context=dict(saved["context"], edit_recipes=older))))
     saves = []  # what each save of the resumed run held: the kept rows from the first save on
 
     def save(partial, out):

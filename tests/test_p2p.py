@@ -13,8 +13,8 @@ from nti_utils.attention import (
     layer_infos,
 )
 from nti_utils.ddim import DDIMSchedule, sample
-from nti_utils.editing import build_controller, edit
-from nti_utils.inversion import null_text_inversion
+from nti_utils.editing import TARGET_NULLS, build_controller, edit
+from nti_utils.inversion import ddim_inversion, null_text_inversion
 from nti_utils.local_blend import LocalBlend
 from nti_utils.models import embed_prompts
 from nti_utils.p2p import Refine, Replace, Reweight, equalizer
@@ -238,6 +238,29 @@ def test_build_controller_builds_what_the_classes_build(tiny_pipe):
         build_controller(tok, add, STEPS)
     with pytest.raises(ValueError, match="not in prompt"):
         build_controller(tok, swap, STEPS, reweight={"triangle": 2.0})
+
+
+def test_plain_target_null_changes_only_the_target_rows(tiny_pipe, inverted, small_scene):
+    prompts = [SRC, SWAP, "a blue circle on a white background"]
+    ref = _plain(tiny_pipe, inverted, prompts)
+    out = edit(tiny_pipe, inverted, prompts, progress=False, target_null="plain")
+    assert_same_run(out.latents[:1], ref[:1])  # the source row keeps ∅_t and retraces the image
+    assert (out.latents[1:] - ref[1:]).abs().amax() > 1e-3  # ∅_t were optimized: they matter
+    # written out: the target rows sampled alone from z̄_T with the empty prompt's ∅ at every step
+    sched = DDIMSchedule.from_scheduler(tiny_pipe.scheduler, STEPS)
+    null = embed_prompts(tiny_pipe, [""])
+    z = inverted.latent_T.expand(2, -1, -1, -1)
+    alone = sample(
+        tiny_pipe.unet, z, embed_prompts(tiny_pipe, prompts[1:]), sched, 7.5, null, progress=False
+    ).latents
+    assert_same_run(out.latents[1:], alone)
+    # an inversion whose ∅_t is the plain ∅ already (DDIM inversion) edits the same either way
+    settings = InversionSettings(num_steps=STEPS)
+    ddim = ddim_inversion(tiny_pipe, small_scene.render(), SRC, settings, progress=False)
+    a, b = (edit(tiny_pipe, ddim, prompts[:2], progress=False, target_null=n) for n in TARGET_NULLS)
+    assert_same_run(a.latents, b.latents)
+    with pytest.raises(ValueError, match="target_null must be one of"):
+        edit(tiny_pipe, inverted, prompts[:2], progress=False, target_null="empty")
 
 
 def test_edit_refuses_mismatched_or_malformed_arguments(tiny_pipe, inverted):

@@ -1,5 +1,6 @@
 """Edit cases with ground truth, and the ablation panel driven programmatically."""
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -147,6 +148,7 @@ def test_panel_reinverts_only_for_inversion_controls(tiny_pipe, monkeypatch):
         "blend": False,
         "blend_threshold": 0.5,
         "blend_finest": True,
+        "target_null": "plain",
         "reweight": 2.0,
     }
     assert set(edits) == set(EDIT_CONTROLS)
@@ -316,6 +318,13 @@ def test_edit_case_edits_with_the_recipe_and_scores_the_edit(tiny_pipe, small_sc
         tiny_pipe, inv, case, EditRecipe(1.0, 1.0, blend=False), guidance_scale=1.0
     )
     assert not torch.equal(other.latents, out.latents)
+    plain = dataclasses.replace(RECIPES["color"], target_null="plain")
+    out_plain, _ = edit_case(tiny_pipe, inv, case, plain)
+    want = edit(tiny_pipe, inv, case.prompts, ctrl, progress=False, target_null="plain")
+    assert torch.equal(out_plain.latents, want.latents)
+    assert not torch.equal(out_plain.latents, out.latents)
+    with pytest.raises(ValueError, match="target_null must be one of"):
+        EditRecipe(0.4, 0.4, blend=False, target_null="empty")
 
 
 def test_edit_rates_aggregate_scores():

@@ -28,22 +28,21 @@ from nti_utils.shapes.seeds import TUNING
 from nti_utils.shapes.world import scene_from_seed
 from nti_utils.storage import load_inversion, save_inversion
 
+NULLS = ["inverted", "plain"]  # the target row's null embedding (the last round: its own lever)
 GRIDS = {
     "shape": {
         "cross_replace_steps": [0.2, 0.4],
         "self_replace_steps": [0.6, 0.8],
-        "blend_threshold": [0.3, 0.5],
-        "self_replace_finest": [True],
+        "target_null": NULLS,
     },
     "color": {
-        "cross_replace_steps": [0.6, 0.8, 1.0],
-        "self_replace_steps": [0.4, 0.6, 0.8],
-        "self_replace_finest": [True],
+        "cross_replace_steps": [0.6, 0.8],
+        "target_null": NULLS,
     },
     "background": {
-        "cross_replace_steps": [0.6, 0.8, 1.0],
-        "self_replace_steps": [0.4, 0.6, 0.8],
-        "self_replace_finest": [True],
+        "cross_replace_steps": [0.6, 0.8],
+        "self_replace_steps": [0.4, 0.6],
+        "target_null": NULLS,
     },
 }
 

@@ -7,7 +7,9 @@ and ours (:func:`~nti_utils.inversion.batched_null_text_inversion` with :func:`o
 reference's update rule, frozen weights, batched across images, a shorter optimizer schedule).
 After them, the inversions that followed null-text inversion (:data:`AFTER_NTI`): Direct Inversion,
 EDICT, edit-friendly DDPM inversion (its noise seeded by the scene) and the fixed-point (ReNoise)
-inversion under guidance, each with its own defaults, reconstructed and edited at the run's w.
+inversion under guidance, each with its own defaults, reconstructed and edited at the run's w. Last,
+the library's null-text inversion again, edited with the plain ∅ in the target row
+(:data:`PLAIN_TARGET`).
 
 Ablations (on the first ``ablation_scenes`` scenes), as the paper ran them (Sec. 4, App. D): random
 pivots (a random trajectory, z_0 noised with one Gaussian sample, as the optimization's targets), a
@@ -72,10 +74,14 @@ DIRECT, EDICT, DDPM, FIXED_POINT = (
     "fixed-point (ReNoise)",
 )
 AFTER_NTI = (DIRECT, EDICT, DDPM, FIXED_POINT)
+"""The rows of the methods after null-text inversion, in the order they run."""
+PLAIN_TARGET = "NTI library, plain ∅ in the target row"
+"""The library's null-text inversion edited with the plain empty-prompt ∅ in the target row at
+every step (the source row keeps ∅_t): not the paper's edit, an option of ours
+(:func:`~nti_utils.editing.edit`'s `target_null`); compare with "NTI library (Alg. 1)"."""
 CAPTIONED = "ablation: source prompt from the toy captioner"
 """Null-text inversion (the library's) with the embedded captioner's prompt; compare with
 "ablation baseline: NTI library"."""
-"""The rows of the methods after null-text inversion, in the order they run."""
 
 
 def ours_settings(settings: InversionSettings, device_type: str, autocast: str = "auto"):
@@ -105,6 +111,9 @@ class Method:
         sweep_inner_steps (`int`, *optional*): the inner-step ceiling, for the points of the
             reconstruction-vs-inner-steps ablation.
         max_scenes (`int`, *optional*): run on the first this many scenes only.
+        target_null (`str`, *optional*): the edit's target-row null embedding, ``"inverted"`` or
+            ``"plain"`` (:attr:`~nti_utils.shapes.edits.EditRecipe.target_null`), instead of the
+            kind's recipe's.
     """
 
     name: str
@@ -115,6 +124,7 @@ class Method:
     batched: bool = False
     sweep_inner_steps: int | None = None
     max_scenes: int | None = None
+    target_null: str | None = None
 
 
 def _one(fn, settings: InversionSettings):
@@ -218,6 +228,7 @@ def methods(cfg: BenchConfig, device_type: str) -> list[Method]:
         Method(EDICT, _one(edict_inversion, s)),
         Method(DDPM, _seeded(ddpm_inversion, s)),
         Method(FIXED_POINT, _one(fixed_point_inversion, s)),
+        Method(PLAIN_TARGET, _one(null_text_inversion, s), target_null="plain"),
     ]
     if not cfg.ablations:
         return out

@@ -48,7 +48,7 @@ from nti_utils.inversion import batched_null_text_inversion, reconstruct
 from nti_utils.metrics import psnr, ssim, vae_bound
 from nti_utils.models import default_device, load_pipeline, model_fingerprint, model_id
 from nti_utils.result import InversionResult, InversionSettings
-from nti_utils.shapes.edits import RECIPES, edit_case
+from nti_utils.shapes.edits import RECIPES, EditRecipe, edit_case
 
 
 def score(
@@ -79,7 +79,12 @@ def score(
     if method.sweep_inner_steps is not None:
         row["sweep_inner_steps"] = method.sweep_inner_steps
     if method.edits:
-        _, sc = edit_case(pipe, result, case, guidance_scale=method.guidance, source_image=image)
+        recipe = RECIPES[case.kind]
+        if method.target_null is not None:
+            recipe = dataclasses.replace(recipe, target_null=method.target_null)
+        _, sc = edit_case(
+            pipe, result, case, recipe, guidance_scale=method.guidance, source_image=image
+        )
         row["edit_success"] = float(sc.success)
         row["edit_psnr_target"] = sc.psnr_target
         row["edit_psnr_background"] = sc.psnr_outside
@@ -157,6 +162,7 @@ def run(
     ctx = _context(pipe)  # once, at the start: its date and commit are this run's
     if resume:
         then, now = resume["context"], ctx
+        then = {**then, "edit_recipes": _with_defaults(then.get("edit_recipes"))}
         for key, what in (
             ("model_fingerprint", "model weights"),
             ("edit_recipes", "edit settings"),
@@ -328,6 +334,19 @@ def _context(pipe) -> dict:
     if unet.device.type == "cuda":
         ctx["gpu"] = torch.cuda.get_device_name(unet.device)
     return ctx
+
+
+def _with_defaults(recipes: dict | None) -> dict | None:
+    """Saved recipes with the fields that a later :class:`EditRecipe` added at their defaults (a
+    run saved before a field existed was measured with its default)."""
+    if recipes is None:
+        return None
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(EditRecipe)
+        if f.default is not dataclasses.MISSING
+    }
+    return {kind: {**defaults, **r} for kind, r in recipes.items()}
 
 
 def _commit() -> str | None:

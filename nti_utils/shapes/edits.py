@@ -15,7 +15,7 @@ from PIL import Image
 
 from nti_utils.align import swap_words
 from nti_utils.attention import finest_map_resolution
-from nti_utils.editing import EditOutput, build_controller, edit
+from nti_utils.editing import TARGET_NULLS, EditOutput, build_controller, edit
 from nti_utils.metrics import psnr
 from nti_utils.p2p import AttentionEdit
 from nti_utils.result import InversionResult
@@ -100,6 +100,8 @@ class EditRecipe:
         self_replace_finest (`bool`, defaults to `False`): inject self-attention in every layer up
             to the finest attention resolution, instead of only up to Prompt-to-Prompt's map
             resolution (16x16 in SD, 8x8 in the embedded model).
+        target_null (`str`, defaults to ``"inverted"``): the target row's null embedding, the
+            inversion's ∅_t (the paper's edit) or ``"plain"`` ∅ (see :func:`~nti_utils.editing.edit`).
     """
 
     cross_replace_steps: float
@@ -108,6 +110,11 @@ class EditRecipe:
     blend_threshold: float = 0.3
     blend_finest: bool = False
     self_replace_finest: bool = False
+    target_null: str = "inverted"
+
+    def __post_init__(self):
+        if self.target_null not in TARGET_NULLS:
+            raise ValueError(f"target_null must be one of {TARGET_NULLS}, got {self.target_null!r}")
 
 
 RECIPES: dict[str, EditRecipe] = {
@@ -263,9 +270,16 @@ def edit_case(
         `tuple[EditOutput, EditScore]`: the edit (``images[0]`` the source reconstruction,
         ``images[1]`` the edited image) and the edited image's score.
     """
+    recipe = recipe or RECIPES[case.kind]
     ctrl = edit_controller(case, pipe, inversion.settings.num_steps, recipe, target_weight)
     out = edit(
-        pipe, inversion, case.prompts, ctrl, guidance_scale=guidance_scale, progress=progress
+        pipe,
+        inversion,
+        case.prompts,
+        ctrl,
+        guidance_scale=guidance_scale,
+        progress=progress,
+        target_null=recipe.target_null,
     )
     image = source_image if source_image is not None else case.source.render()
     return out, score_edit(case, out.images[1], image, target_image, rotation_invariant)
