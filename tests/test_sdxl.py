@@ -222,6 +222,12 @@ def test_attention_store_reproduces_the_sampler_and_a_word_swap_edits(sdxl, inve
     assert_same_run(out.latents[:1], rec)  # source kept
     assert (out.latents[1] - out.latents[0]).abs().max().item() > 1e-3  # target changed
     assert (out.latents[1] - store.latents[1]).abs().max().item() > 1e-2  # the control acted
+    # the plain ∅ in the target row: SDXL's null conditioning (row token included) at every step
+    plain = edit(sdxl, inverted, prompts, progress=False, target_null="plain")
+    null = embed_prompts(sdxl, [""])
+    alone = sample(sdxl.unet, z[1:], cond[1:], sched, 7.5, null, progress=False)
+    assert_same_run(plain.latents[:1], ref.latents[:1])
+    assert_same_run(plain.latents[1:], alone.latents)
 
 
 # ------------------------------------------------------------------------------ half precision
