@@ -217,6 +217,9 @@ def test_redrawn_edits_score_each_kind_against_the_redrawn_ground_truth(tiny_pip
     # a random-weight model edits nothing right, but every number is measured
     assert 0.0 <= r["success"] <= 1.0 and np.isfinite(r["psnr_outside_mean"])
     assert np.isfinite(r["reconstruction_psnr"])
+    plain = redrawn_edits(tiny_pipe, n=3, steps=2, progress=False, target_null="plain")
+    assert plain["reconstruction_psnr"] == r["reconstruction_psnr"]  # the same inversions
+    assert plain["psnr_outside_mean"] != r["psnr_outside_mean"]  # edited otherwise
 
 
 def test_score_edit_compares_with_the_given_ground_truth():

@@ -15,8 +15,9 @@ own block of :mod:`~nti_utils.shapes.seeds`):
 
 ``--swaps N`` instead runs N Prompt-to-Prompt shape swaps on null-text-inverted renders and reports
 the success rate and the PSNR outside the edit region; ``--redrawn-edits N`` runs N edits (shape,
-color and background swaps in turn, with :data:`~nti_utils.shapes.edits.RECIPES`) on scenes drawn
-by the second renderer (:mod:`nti_utils.shapes.redraw`), each ground truth drawn the same way.
+color and background swaps in turn, with :data:`~nti_utils.shapes.edits.RECIPES`; ``--target-null
+plain`` gives their target rows the plain ∅) on scenes drawn by the second renderer
+(:mod:`nti_utils.shapes.redraw`), each ground truth drawn the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 
 from nti_utils.attention import AttentionStore, default_map_resolution
 from nti_utils.ddim import DDIMSchedule, invert, sample
+from nti_utils.editing import TARGET_NULLS
 from nti_utils.images import decode, encode, model_resolution, pil_to_tensor
 from nti_utils.inversion import null_text_inversion
 from nti_utils.metrics import psnr
@@ -42,7 +44,7 @@ from nti_utils.result import InversionSettings
 from nti_utils.sampling import generate
 from nti_utils.shapes.attn_loss import shape_attention_inside
 from nti_utils.shapes.data import single_object_prompts
-from nti_utils.shapes.edits import EDIT_KINDS, edit_case, edit_rates, make_edit
+from nti_utils.shapes.edits import EDIT_KINDS, RECIPES, edit_case, edit_rates, make_edit
 from nti_utils.shapes.redraw import Style, redraw, redraw_region
 from nti_utils.shapes.score import score_caption
 from nti_utils.shapes.seeds import (
@@ -176,7 +178,12 @@ def shape_swaps(
 
 
 def redrawn_edits(
-    pipe, n: int = 30, steps: int = 50, guidance: float = DEFAULT_GUIDANCE, progress: bool = True
+    pipe,
+    n: int = 30,
+    steps: int = 50,
+    guidance: float = DEFAULT_GUIDANCE,
+    progress: bool = True,
+    target_null: str | None = None,
 ) -> dict:
     """Null-text inversion + Prompt-to-Prompt on `n` single-object scenes drawn by the second
     renderer (:func:`~nti_utils.shapes.redraw.redraw`, one random :class:`~nti_utils.shapes.redraw.Style`
@@ -185,6 +192,8 @@ def redrawn_edits(
     pixels must be kept is :func:`~nti_utils.shapes.redraw.redraw_region`.
 
     Success is read with the scorer's rotation-invariant shapes (``rotation_invariant=True``).
+    `target_null` (``"inverted"`` or ``"plain"``) overrides the recipes' target-row null embedding
+    (:attr:`~nti_utils.shapes.edits.EditRecipe.target_null`).
 
     Returns:
         `dict`: :func:`~nti_utils.shapes.edits.edit_rates` over all edits, and per kind under
@@ -204,8 +213,17 @@ def redrawn_edits(
         image, truth = redraw(scene, style), redraw(case.target, style)
         inv = null_text_inversion(pipe, image, scene.caption(), settings, progress=False)
         # this renderer turns squares and triangles: read shapes at any rotation
+        recipe = RECIPES[case.kind]
+        if target_null is not None:
+            recipe = dataclasses.replace(recipe, target_null=target_null)
         out, score = edit_case(
-            pipe, inv, case, source_image=image, target_image=truth, rotation_invariant=True
+            pipe,
+            inv,
+            case,
+            recipe,
+            source_image=image,
+            target_image=truth,
+            rotation_invariant=True,
         )
         scores.append(score)
         truth_read.append(score_caption(truth, case.target.caption(), rotation_invariant=True).all)
@@ -315,10 +333,18 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="only run N edits on inverted scenes drawn by the second renderer",
     )
+    p.add_argument(
+        "--target-null",
+        choices=TARGET_NULLS,
+        default=None,
+        help="with --redrawn-edits: the target row's null embedding (default: the recipes')",
+    )
     args = p.parse_args(argv)
     if args.redrawn_edits:
         pipe = load_pipeline(args.model, device="cpu")
-        r = redrawn_edits(pipe, args.redrawn_edits, args.steps, args.guidance)
+        r = redrawn_edits(
+            pipe, args.redrawn_edits, args.steps, args.guidance, target_null=args.target_null
+        )
         print(
             f"edits on {r['n']} redrawn scenes (reconstruction {r['reconstruction_psnr']:.1f} dB; "
             f"the scorer reads {r['ground_truth_read']:.2f} of the ground truths right):"
